@@ -1,0 +1,287 @@
+"""The ``fmtune`` command line.
+
+``--help``, ``--version`` and ``plugins`` never import torch or transformers;
+``train``, ``generate`` and ``evaluate`` import them only once the config is
+known to be valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, OptionRegistry, Sources, parse_cli_flags, read_yaml, resolve
+from . import plugins as plugin_mod
+
+log = logging.getLogger("fmtune")
+
+USAGE = """\
+usage: fmtune [--version] [--help] COMMAND ...
+
+Fine-tune Hugging Face causal language models; everything beyond full
+fine-tuning comes from plugins.
+
+commands:
+  train       fine-tune a model   (fmtune train --config run.yaml --plugins lora,aim)
+  generate    greedy generation from a trained model or adapter folder
+  evaluate    exact-match accuracy of greedy outputs on input/output records
+  plugins     list installed plugins, their versions and hooks
+
+`fmtune train --help [--plugins a,b]` lists every option of the active plugins.
+"""
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fmtune: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+# ----------------------------------------------------------------- train
+
+
+def _split_train_argv(argv: list[str]) -> tuple[str | None, str | None, bool, list[str]]:
+    """Pull --config, --plugins and --help out of the train arguments."""
+    config_path = plugins = None
+    want_help = False
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, value = tok.partition("=")
+        if tok in ("-h", "--help"):
+            want_help = True
+        elif name in ("--config", "--plugins"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                value = argv[i + 1]
+                i += 1
+            if name == "--config":
+                config_path = value
+            else:
+                plugins = value
+        else:
+            rest.append(tok)
+        i += 1
+    return config_path, plugins, want_help, rest
+
+
+def registry_for(pm) -> OptionRegistry:
+    registry = OptionRegistry()
+    for impl in pm.hook.add_options.get_hookimpls():  # core (trylast) first
+        impl.function(registry.register_for(impl.plugin_name))
+    return registry
+
+
+def _owner_hint(active: list[str]):
+    """Finds which installed, inactive plugin owns an option (imports them only on error)."""
+    cache: dict[str, str] = {}
+
+    def hint(name: str) -> str | None:
+        if not cache:
+            for pname, info in plugin_mod.installed().items():
+                if pname in active:
+                    continue
+                try:
+                    obj = info.load()
+                except Exception:  # noqa: BLE001 - a broken plugin just gives no hint
+                    continue
+                fn = getattr(obj, "add_options", None)
+                if fn is None:
+                    continue
+                names: list[str] = []
+                try:
+                    fn(lambda n, *a, aliases=(), **k: names.extend([n, *aliases]))
+                except Exception:  # noqa: BLE001
+                    continue
+                for n in names:
+                    cache.setdefault(n, pname)
+            cache.setdefault("", "")
+        return cache.get(name.replace("-", "_"))
+
+    return hint
+
+
+def load_config(argv: list[str], extra_plugins: list[Any] = ()):
+    """Parse ``train``-style arguments into ``(config, pm, want_help, registry)``."""
+    config_path, cli_plugins, want_help, rest = _split_train_argv(argv)
+    yaml_values = read_yaml(config_path) if config_path else {}
+    names = plugin_mod.split_names(cli_plugins if cli_plugins is not None
+                                   else yaml_values.get("plugins"))
+    pm = plugin_mod.new_manager()
+    for obj in extra_plugins:
+        pm.register(obj)
+    pm = plugin_mod.load(names, pm)
+    registry = registry_for(pm)
+    if want_help:
+        return None, pm, True, registry
+    config = resolve(registry, Sources(yaml_values, config_path, parse_cli_flags(rest)), names,
+                     owner_hint=_owner_hint(names))
+    return config, pm, False, registry
+
+
+def train_help(registry: OptionRegistry, names: list[str]) -> str:
+    lines = ["usage: fmtune train [--config FILE.yaml] [--plugins a,b] [--OPTION VALUE ...]", "",
+             "Every option is also a YAML key of the same name; the command line wins.",
+             f"Active plugins: {', '.join(names) or 'none (core only)'}", ""]
+    by_plugin: dict[str, list] = {}
+    for opt in registry.options.values():
+        by_plugin.setdefault(opt.plugin, []).append(opt)
+    for plugin, opts in by_plugin.items():
+        lines.append(f"{plugin.removeprefix('default:')} options:" if not plugin.startswith(
+            "default:") else f"core options ({plugin.removeprefix('default:')}):")
+        for opt in opts:
+            flag = f"  --{opt.name} {opt.type.__name__.upper()}"
+            extra = f" [default: {opt.default}]" if opt.default not in (None, "") else ""
+            choices = f" {{{', '.join(map(str, opt.choices))}}}" if opt.choices else ""
+            alias = f" (alias: {', '.join('--' + a for a in opt.aliases)})" if opt.aliases else ""
+            lines.append(flag)
+            lines.extend(textwrap.wrap(opt.help + choices + extra + alias, 76,
+                                       initial_indent="      ", subsequent_indent="      "))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_train(argv: list[str], extra_plugins: list[Any] = ()) -> int:
+    config, pm, want_help, registry = load_config(argv, extra_plugins)
+    if want_help:
+        names = [n for n, _ in pm.list_name_plugin() if not n.startswith("default:")]
+        print(train_help(registry, names))
+        return 0
+    from .pipeline import train
+
+    summary = train(config, pm)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+
+    print(f"fmtune: done in {fmt(s['wall_time_s'], '.1f')} s: {s['global_step']} steps, "
+          f"final loss {fmt(s['final_loss'], '.4f')}, {fmt(s['tokens_per_second'], '.0f')} tokens/s, "
+          f"peak RSS {fmt(s['peak_rss_mb'], '.0f')} MB, world size {s['world_size']}")
+    print(f"fmtune: model saved to {s['model_saved_to']}; summary in "
+          f"{s['output_dir']}/run_summary.json")
+
+
+# -------------------------------------------------------------- plugins
+
+
+def cmd_plugins(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fmtune plugins", description="List installed plugins.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    rows = plugin_mod.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        version = f" {row['version']}" if row["version"] else ""
+        dist = f" ({row['distribution']}{version})" if row["distribution"] else ""
+        print(f"{row['name']}{dist}  -> {row['entry_point']}")
+        if row["error"]:
+            print(f"    warning: failed to load: {row['error']}")
+        else:
+            print(f"    hooks: {', '.join(row['hooks']) or 'none'}")
+    return 0
+
+
+# ------------------------------------------------------ generate/evaluate
+
+
+def cmd_generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fmtune generate",
+                                     description="Greedy generation from a model or adapter folder.")
+    parser.add_argument("--model", required=True, help="trained model folder or adapter folder")
+    parser.add_argument("--text", required=True, action="append", help="prompt (repeatable)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    from .inference import generate, load_for_inference
+
+    model, tokenizer = load_for_inference(args.model)
+    for out in generate(model, tokenizer, args.text, args.max_new_tokens):
+        print(out)
+    return 0
+
+
+def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fmtune evaluate",
+        description="Exact-match accuracy of greedy outputs on {input, output} JSONL records. "
+                    "Evaluate a trained folder (--model) or the untrained model a config builds "
+                    "(--config, same plugins and options as train).")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="trained model folder or adapter folder")
+    src.add_argument("--config", help="train config: evaluate the model it starts from")
+    parser.add_argument("--data", required=True, help="JSONL file of {input, output} records")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--show", type=int, default=3, help="print this many predictions")
+    args, rest = parser.parse_known_args(argv)
+    from .default_plugins.data import read_records
+
+    records = read_records(args.data)
+    if args.model:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from .inference import load_for_inference
+
+        model, tokenizer = load_for_inference(args.model)
+    else:
+        config, pm, _, _ = load_config(["--config", args.config, *rest], extra_plugins)
+        tokenizer = pm.hook.load_tokenizer(config=config)
+        model = pm.hook.load_model(config=config, tokenizer=tokenizer).eval()
+    from .inference import exact_match
+
+    acc, preds = exact_match(model, tokenizer, records, args.max_new_tokens)
+    for rec, pred in list(zip(records, preds))[: args.show]:
+        print(f"  {rec['input']!r} -> {pred.strip()!r} (expected {str(rec['output'])!r})")
+    print(f"exact match: {acc:.3f} ({round(acc * len(records))}/{len(records)})")
+    return 0
+
+
+# ------------------------------------------------------------------ main
+
+
+COMMANDS = {"train": cmd_train, "plugins": cmd_plugins, "generate": cmd_generate,
+            "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
+    """Entry point; ``extra_plugins`` registers plugin objects (used by tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"fmtune {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        from .config import suggest
+
+        print(f"fmtune: error: unknown command {argv[0]!r}{suggest(argv[0], COMMANDS)}\n\n{USAGE}",
+              file=sys.stderr)
+        return 2
+    _setup_logging()
+    try:
+        if command in (cmd_train, cmd_evaluate):
+            return command(argv[1:], extra_plugins)
+        return command(argv[1:])
+    except ConfigError as e:
+        print(f"fmtune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

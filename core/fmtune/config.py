@@ -1,0 +1,270 @@
+"""Typed options, the resolved config, and strict parsing of YAML + CLI.
+
+One set of names serves YAML keys and CLI flags (``--learning_rate 1e-4`` and
+``learning_rate: 1e-4``); the CLI wins over the file, the file over defaults.
+Unknown names are errors with a did-you-mean hint. No torch here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A problem with the user's config or flags; the CLI prints it and exits 2."""
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+@dataclass
+class Option:
+    name: str
+    type: type
+    default: Any
+    help: str
+    plugin: str
+    choices: tuple | None = None
+    aliases: tuple[str, ...] = ()
+    nullable: bool = True
+
+    def convert(self, value: Any, where: str) -> Any:
+        """Convert a YAML value or CLI string to this option's type."""
+        if value is None:
+            return None
+        t = self.type
+        try:
+            if t is bool:
+                if isinstance(value, bool):
+                    out = value
+                elif str(value).strip().lower() in _TRUE:
+                    out = True
+                elif str(value).strip().lower() in _FALSE:
+                    out = False
+                else:
+                    raise ValueError
+            elif t is list:
+                if isinstance(value, str):
+                    out = [v.strip() for v in value.split(",") if v.strip()]
+                elif isinstance(value, (list, tuple)):
+                    out = [str(v) for v in value]
+                else:
+                    raise ValueError
+            elif t is dict:
+                out = json.loads(value) if isinstance(value, str) else value
+                if not isinstance(out, dict):
+                    raise ValueError
+            elif t is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out = int(value)
+            elif t is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                out = float(value)
+            else:
+                if isinstance(value, (dict, list)):
+                    raise ValueError
+                out = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: {self.name} must be {self.type_name()}, got {value!r}"
+            ) from None
+        if self.choices and out not in self.choices:
+            raise ConfigError(
+                f"{where}: {self.name} must be one of {', '.join(map(str, self.choices))}; got {out!r}"
+            )
+        return out
+
+    def type_name(self) -> str:
+        return {bool: "true/false", list: "a list (comma-separated on the CLI)",
+                dict: "a mapping (JSON on the CLI)", int: "an integer",
+                float: "a number", str: "a string"}[self.type]
+
+
+class OptionRegistry:
+    """All options of the active plugins, keyed by name (aliases resolve to names)."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, Option] = {}
+        self.aliases: dict[str, str] = {}
+
+    def register_for(self, plugin: str):
+        def register(name: str, type: type | str = str, default: Any = None, help: str = "",
+                     choices: Iterable | None = None, aliases: Iterable[str] = ()) -> None:
+            t = _TYPES[type] if isinstance(type, str) else type
+            if t not in _TYPES.values():
+                raise TypeError(f"plugin {plugin!r}: option {name!r} has unsupported type {t!r}")
+            for n in (name, *aliases):
+                if n in self.options or n in self.aliases:
+                    owner = self.options.get(n) or self.options[self.aliases[n]]
+                    raise ConfigError(
+                        f"option {n!r} is registered by both {owner.plugin!r} and {plugin!r}"
+                    )
+            self.options[name] = Option(name, t, default, help, plugin,
+                                        tuple(choices) if choices else None, tuple(aliases))
+            for a in aliases:
+                self.aliases[a] = name
+        return register
+
+    def resolve(self, name: str) -> Option | None:
+        name = name.replace("-", "_")
+        if name in self.options:
+            return self.options[name]
+        if name in self.aliases:
+            return self.options[self.aliases[name]]
+        return None
+
+    def known_names(self) -> list[str]:
+        return [*self.options, *self.aliases]
+
+
+class Config:
+    """The resolved configuration: ``config.learning_rate``; ``config.source('x')``."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str], plugins: list[str],
+                 config_file: str | None = None) -> None:
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_sources", dict(sources))
+        object.__setattr__(self, "plugins", list(plugins))
+        object.__setattr__(self, "config_file", config_file)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(
+                f"config has no option {name!r} (is the plugin that owns it active?)"
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._values[name] = value
+        self._sources[name] = "set by a plugin"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._values.get(name, default)
+
+    def source(self, name: str) -> str:
+        return self._sources.get(name, "default")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of option: value")
+    return data
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_cli_flags(argv: list[str]) -> list[tuple[str, str | None]]:
+    """Split ``--name value`` / ``--name=value`` / bare ``--flag`` pairs, in order."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"unexpected argument {tok!r} (options are written --name value)")
+        if "=" in tok:
+            name, value = tok[2:].split("=", 1)
+            out.append((name, value))
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append((tok[2:], argv[i + 1]))
+            i += 2
+        else:
+            out.append((tok[2:], None))
+            i += 1
+    return out
+
+
+@dataclass
+class Sources:
+    """Raw inputs to resolve: the YAML mapping and the CLI pairs."""
+
+    yaml_values: dict[str, Any] = field(default_factory=dict)
+    yaml_path: str | None = None
+    cli_pairs: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+def resolve(registry: OptionRegistry, src: Sources, plugins: list[str],
+            owner_hint=lambda name: None) -> Config:
+    """Merge defaults < YAML < CLI into a :class:`Config`, strictly.
+
+    ``owner_hint(name)`` may return the name of an installed-but-inactive
+    plugin that owns an unknown option, for the error message.
+    """
+    values = {name: opt.default for name, opt in registry.options.items()}
+    sources = {name: "default" for name in registry.options}
+    problems: list[str] = []
+
+    def unknown(name: str, where: str) -> str:
+        owner = owner_hint(name)
+        if owner:
+            return (f"{where}: option {name!r} belongs to plugin {owner!r}, which is not active; "
+                    f"add --plugins {','.join([*plugins, owner])}")
+        return f"{where}: unknown option {name!r}{suggest(name, registry.known_names())}"
+
+    where_yaml = src.yaml_path or "config"
+    for key, value in src.yaml_values.items():
+        if key in ("plugins",):
+            continue
+        opt = registry.resolve(str(key))
+        if opt is None:
+            problems.append(unknown(str(key), where_yaml))
+            continue
+        try:
+            values[opt.name] = opt.convert(value, where_yaml)
+            sources[opt.name] = where_yaml
+        except ConfigError as e:
+            problems.append(str(e))
+
+    for name, raw in src.cli_pairs:
+        opt = registry.resolve(name)
+        if opt is None:
+            problems.append(unknown(name, "command line"))
+            continue
+        if raw is None:
+            if opt.type is not bool:
+                problems.append(f"command line: --{name} needs a value ({opt.type_name()})")
+                continue
+            raw = "true"
+        try:
+            values[opt.name] = opt.convert(raw, "command line")
+            sources[opt.name] = "command line"
+        except ConfigError as e:
+            problems.append(str(e))
+
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return Config(values, sources, plugins, src.yaml_path)

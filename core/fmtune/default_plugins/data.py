@@ -1,0 +1,202 @@
+"""Default data path: JSON/JSONL records, tokenized with exact loss masks.
+
+Three record shapes, chosen by the options:
+
+* ``input``/``output`` records (default): the input is masked (-100), the
+  output and EOS are trained;
+* ``dataset_text_field``: the whole text (+ EOS) is trained, or, with
+  ``response_template``, only what follows the template;
+* ``data_formatter_template``: each record is rendered from ``{{field}}``
+  placeholders first, then treated like ``dataset_text_field``.
+
+Prompt and completion are tokenized so that no token spans the boundary: the
+joint tokenization is used when the prompt's own tokens are a prefix of it,
+otherwise prompt and completion are tokenized separately and concatenated.
+The data plugin (``plugins/data_handlers``) replaces this with many more
+formats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fmtune import hookimpl
+from fmtune.config import ConfigError
+
+log = logging.getLogger("fmtune")
+IGNORE = -100
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+
+
+class DataError(ConfigError):
+    """Bad training data: names the file, the record and the field."""
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """Records of a .json (list of objects) or .jsonl file; errors name file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: data file not found")
+    text = p.read_text(encoding="utf-8")
+    records: list[dict[str, Any]] = []
+    if p.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        for i, rec in enumerate(data, 1):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
+            records.append(rec)
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected an object, got {type(rec).__name__}")
+            rec["__line__"] = lineno
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _where(path: str, rec: dict, index: int) -> str:
+    line = rec.get("__line__")
+    return f"{path}:{line}" if line else f"{path}: record {index + 1}"
+
+
+def _field(path: str, rec: dict, index: int, name: str) -> str:
+    if name not in rec:
+        raise DataError(f"{_where(path, rec, index)}: missing field {name!r}")
+    value = rec[name]
+    if not isinstance(value, str):
+        raise DataError(f"{_where(path, rec, index)}: field {name!r} must be a string, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def render(template: str, path: str, rec: dict, index: int) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in rec:
+            raise DataError(f"{_where(path, rec, index)}: data_formatter_template field "
+                            f"{name!r} missing from the record")
+        return str(rec[name])
+    return _PLACEHOLDER.sub(sub, template)
+
+
+def join(prompt: str, completion: str) -> str:
+    """The separator fms-hf-tuning puts between input and output: one space if neither has one."""
+    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+        return " "
+    return ""
+
+
+@dataclass
+class Counts:
+    kept: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, counts: Counts,
+                   eos: bool = True) -> dict[str, list]:
+    """Tokenize (prompt, completion) pairs: prompt masked, completion (+EOS) trained."""
+    eos_id = tokenizer.eos_token_id
+    prompts = [p for p, _ in pairs]
+    fulls = [p + c for p, c in pairs]
+    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if any(prompts) else [[] for _ in pairs]
+    f_ids = tokenizer(fulls, add_special_tokens=True)["input_ids"]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
+    for (prompt, completion), pi, fi in zip(pairs, p_ids, f_ids):
+        if not prompt:
+            pi, ci = [], fi
+        elif fi[: len(pi)] == pi:
+            ci = fi[len(pi):]
+        else:
+            ci = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if eos and eos_id is not None and (not ci or ci[-1] != eos_id):
+            ci = ci + [eos_id]
+        ids = pi + ci
+        labels = [IGNORE] * len(pi) + ci
+        if len(ids) > max_len:
+            ids, labels = ids[:max_len], labels[:max_len]
+            if all(l == IGNORE for l in labels):
+                counts.drop("no trained token left after truncation to max_seq_length")
+                continue
+            counts.truncated += 1
+        if not ci:
+            counts.drop("empty completion")
+            continue
+        counts.kept += 1
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["attention_mask"].append([1] * len(ids))
+    return out
+
+
+def to_pairs(config, path: str, records: list[dict], counts: Counts) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    text_mode = config.dataset_text_field or config.data_formatter_template
+    for i, rec in enumerate(records):
+        if not text_mode:
+            prompt = _field(path, rec, i, "input")
+            completion = _field(path, rec, i, "output")
+            pairs.append((prompt, join(prompt, completion) + completion))
+            continue
+        if config.data_formatter_template:
+            text = render(config.data_formatter_template, path, rec, i)
+        else:
+            text = _field(path, rec, i, config.dataset_text_field)
+        tpl = config.response_template
+        if not tpl:
+            pairs.append(("", text))
+            continue
+        at = text.find(tpl)
+        if at < 0:
+            counts.drop("response_template not found")
+            continue
+        cut = at + len(tpl)
+        pairs.append((text[:cut], text[cut:]))
+    return pairs
+
+
+def build_dataset(config, tokenizer, path: str):
+    from datasets import Dataset
+
+    counts = Counts()
+    records = read_records(path)
+    pairs = to_pairs(config, path, records, counts)
+    columns = tokenize_pairs(tokenizer, pairs, config.max_seq_length, counts)
+    for reason, n in counts.dropped.items():
+        log.warning("%s: dropped %d of %d records: %s", path, n, len(records), reason)
+    if counts.truncated:
+        log.warning("%s: %d records truncated to max_seq_length=%d", path, counts.truncated,
+                    config.max_seq_length)
+    if not counts.kept:
+        reasons = "; ".join(f"{n} {r}" for r, n in counts.dropped.items())
+        raise DataError(f"{path}: no usable records ({reasons})")
+    log.info("%s: %d examples", path, counts.kept)
+    return Dataset.from_dict(columns)
+
+
+@hookimpl(trylast=True)
+def prepare_data(config, tokenizer):
+    train = build_dataset(config, tokenizer, config.training_data_path)
+    evalset = None
+    if config.validation_data_path:
+        evalset = build_dataset(config, tokenizer, config.validation_data_path)
+    return train, evalset

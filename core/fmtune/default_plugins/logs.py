@@ -1,0 +1,60 @@
+"""``training_logs.jsonl`` in fms-hf-tuning's format, written by the main process.
+
+Each line is ``{"name": "training_loss" | "validation_loss", "data": {"epoch",
+"step", "timestamp", "value"}}``. A fresh run starts the file over; a resumed
+run keeps the lines up to the checkpoint's step and appends after them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from fmtune import hookimpl
+
+FILENAME = "training_logs.jsonl"
+NAMES = {"loss": "training_loss", "eval_loss": "validation_loss"}
+
+
+def _path(run) -> str:
+    return os.path.join(run.output_dir, FILENAME)
+
+
+@hookimpl(trylast=True)
+def on_train_begin(run):
+    if not run.is_main_process:
+        return
+    path = _path(run)
+    kept: list[str] = []
+    if run.resumed_from and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    step = json.loads(line)["data"]["step"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if step <= run.state.global_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+@hookimpl(trylast=True)
+def on_log(run, logs):
+    if not run.is_main_process:
+        return
+    lines = []
+    for key, name in NAMES.items():
+        if key in logs:
+            lines.append(json.dumps({"name": name, "data": {
+                "epoch": round(float(logs.get("epoch", run.state.epoch or 0)), 4),
+                "step": run.state.global_step,
+                "timestamp": datetime.datetime.now().isoformat(),
+                "value": float(logs[key]),
+            }}))
+    if lines:
+        with open(_path(run), "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")

@@ -1,0 +1,103 @@
+"""Core options (fms-hf-tuning names) and their validation."""
+
+from __future__ import annotations
+
+import os
+
+from fmtune import hookimpl
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
+              "cosine_with_min_lr", "warmup_stable_decay")
+STRATEGIES = ("no", "steps", "epoch")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN = ("eager", "sdpa", "flash_attention_2")
+
+
+@hookimpl(trylast=True)
+def add_options(register):
+    # model and tokenizer
+    register("model_name_or_path", str, None, "Local folder or hub id of the base model (required).")
+    register("tokenizer_name_or_path", str, None, "Tokenizer folder or hub id (default: the model's).")
+    register("torch_dtype", str, "auto", "Weights dtype; auto = bfloat16 on a bf16-capable GPU, "
+             "else float32.", choices=DTYPES)
+    register("random_init_weights", bool, False, "Build the model from the config at "
+             "model_name_or_path with random weights (seeded) instead of loading weights.")
+    register("tokenizer_train_files", list, None, "Train a byte-level BPE tokenizer on these text "
+             "files (with the tokenizers library) instead of loading one.")
+    register("tokenizer_vocab_size", int, 512, "Vocabulary size for tokenizer_train_files.")
+    register("use_flash_attn", bool, False, "Use flash_attention_2 (falls back to sdpa, logged, "
+             "when flash-attn or a GPU is missing).")
+    register("attn_implementation", str, None, "Attention implementation to request.", choices=ATTN)
+    # data
+    register("training_data_path", str, None, "JSON/JSONL training data (required).")
+    register("validation_data_path", str, None, "JSON/JSONL validation data.")
+    register("dataset_text_field", str, None, "Train on this text column (whole sequence).")
+    register("response_template", str, None, "With dataset_text_field: train only on what follows "
+             "this string.")
+    register("data_formatter_template", str, None, "Render each record with {{field}} placeholders.")
+    register("max_seq_length", int, 1024, "Truncate examples to this many tokens.")
+    # training
+    register("output_dir", str, None, "Checkpoints, logs and (by default) the final model (required).")
+    register("save_model_dir", str, None, "Where the final model and tokenizer go (default: output_dir).")
+    register("num_train_epochs", float, 3.0, "Epochs to train.")
+    register("max_steps", int, -1, "Optimizer steps to train; overrides num_train_epochs when > 0.")
+    register("per_device_train_batch_size", int, 8, "Examples per device per step.")
+    register("per_device_eval_batch_size", int, 8, "Examples per device per evaluation step.")
+    register("gradient_accumulation_steps", int, 1, "Micro-batches per optimizer step.")
+    register("learning_rate", float, 5e-5, "Peak learning rate.")
+    register("lr_scheduler_type", str, "linear", "Learning-rate schedule.", choices=SCHEDULERS)
+    register("warmup_ratio", float, 0.0, "Fraction of steps spent warming up.")
+    register("warmup_steps", int, 0, "Warm-up steps (overrides warmup_ratio when > 0).")
+    register("weight_decay", float, 0.0, "AdamW weight decay.")
+    register("max_grad_norm", float, 1.0, "Gradient clipping norm.")
+    register("optim", str, "adamw_torch", "Optimizer name (transformers' OptimizerNames).")
+    register("logging_steps", float, 10, "Log every N steps (a float < 1 is a ratio of all steps).")
+    register("save_strategy", str, "epoch", "When to write checkpoints.", choices=STRATEGIES)
+    register("save_steps", float, 500, "Checkpoint every N steps with save_strategy=steps.")
+    register("save_total_limit", int, None, "Keep at most this many checkpoints.")
+    register("eval_strategy", str, "no", "When to evaluate on validation data.", choices=STRATEGIES,
+             aliases=("evaluation_strategy",))
+    register("eval_steps", float, None, "Evaluate every N steps with eval_strategy=steps.")
+    register("gradient_checkpointing", bool, False, "Recompute activations to save memory.")
+    register("seed", int, 42, "Random seed (model init, data order).")
+    register("resume_from_checkpoint", str, "auto", "auto: resume from the latest checkpoint in "
+             "output_dir if any; false: start over; or a checkpoint path.")
+    register("use_cpu", bool, False, "Train on CPU even when a GPU is present.")
+
+
+def _problems_for(config):
+    problems = []
+    for name in ("model_name_or_path", "training_data_path", "output_dir"):
+        if not config.get(name):
+            problems.append(f"{name} is required (YAML key or --{name})")
+    if config.dataset_text_field and config.data_formatter_template:
+        problems.append("dataset_text_field and data_formatter_template are exclusive: set one")
+    if config.response_template and not (config.dataset_text_field or config.data_formatter_template):
+        problems.append("response_template needs dataset_text_field or data_formatter_template")
+    if config.eval_strategy != "no" and not config.validation_data_path:
+        problems.append(f"eval_strategy={config.eval_strategy} needs validation_data_path")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length"):
+        if config.get(name) is not None and config.get(name) < 1:
+            problems.append(f"{name} must be >= 1, got {config.get(name)}")
+    if config.learning_rate is not None and config.learning_rate < 0:
+        problems.append(f"learning_rate must be >= 0, got {config.learning_rate}")
+    if not 0 <= config.warmup_ratio < 1:
+        problems.append(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.random_init_weights and config.model_name_or_path and os.path.isdir(
+            config.model_name_or_path) and not os.path.isfile(
+            os.path.join(config.model_name_or_path, "config.json")):
+        problems.append(f"random_init_weights: {config.model_name_or_path} has no config.json")
+    for path in (config.tokenizer_train_files or []):
+        if not os.path.isfile(path):
+            problems.append(f"tokenizer_train_files: {path} not found")
+    rfc = str(config.resume_from_checkpoint).lower()
+    if rfc not in ("auto", "true", "false", "none") and not os.path.isdir(config.resume_from_checkpoint):
+        problems.append(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a folder "
+                        "(use auto, false, or a checkpoint path)")
+    return problems
+
+
+@hookimpl(trylast=True)
+def validate_config(config):
+    return _problems_for(config)

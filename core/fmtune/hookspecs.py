@@ -1,0 +1,171 @@
+"""The fmtune hook specifications: the whole plugin contract in one file.
+
+A plugin is a module (or object) with functions decorated by ``fmtune.hookimpl``
+whose names match the specs below. pluggy passes each implementation only the
+arguments it names, so new arguments can be added here without breaking
+plugins. Importing this module must stay cheap: no torch, no transformers.
+
+Kinds of hooks:
+
+* *broadcast* hooks run every implementation and return a list of results;
+* *firstresult* hooks stop at the first implementation that returns something
+  other than ``None``. The core's defaults are registered ``trylast``, so any
+  plugin that answers replaces them. ``wrapper=True`` implementations can
+  post-process the answer of the others (e.g. dequantize a loaded model).
+
+The objects passed around:
+
+* ``config`` - :class:`fmtune.config.Config`, attribute access to every option
+  of every active plugin (``config.learning_rate``);
+* ``run`` - :class:`fmtune.pipeline.Run`, the live run: ``run.config``,
+  ``run.output_dir``, ``run.state`` (transformers ``TrainerState``),
+  ``run.is_main_process``, ``run.world_size``, ``run.trainer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "fmtune"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------- config
+
+
+@hookspec
+def add_options(register: Callable[..., None]) -> None:
+    """Declare this plugin's options.
+
+    Call ``register(name, type, default, help, choices=None, aliases=())``
+    once per option. Each option becomes a YAML key and a ``--name`` CLI flag
+    of ``fmtune train``; ``type`` is one of ``str, int, float, bool, list``
+    (list of strings; a comma-separated string on the CLI) or ``dict`` (YAML
+    mapping, or JSON on the CLI). Two plugins registering the same name is an
+    error.
+    """
+
+
+@hookspec
+def validate_config(config: Any) -> list[str] | str | None:
+    """Check the resolved config before anything heavy happens.
+
+    Return a message, a list of messages, or ``None``. Every plugin runs and
+    all problems are reported together; any problem stops the run (exit 2).
+    """
+
+
+# ---------------------------------------------------------------- model/data
+
+
+@hookspec(firstresult=True)
+def load_tokenizer(config: Any) -> Any:
+    """Return the tokenizer (``PreTrainedTokenizerBase``) for this run."""
+
+
+@hookspec(firstresult=True)
+def load_model(config: Any, tokenizer: Any) -> Any:
+    """Return the model to train (a ``PreTrainedModel``).
+
+    The tokenizer is already loaded, so an implementation can resize
+    embeddings to it. Use ``wrapper=True`` to post-process another plugin's
+    model.
+    """
+
+
+@hookspec(firstresult=True)
+def prepare_data(config: Any, tokenizer: Any) -> Any:
+    """Return ``(train_dataset, eval_dataset_or_None)`` ready for the collator.
+
+    Rows hold ``input_ids``, ``labels`` (``-100`` where no loss is taken) and
+    optionally ``attention_mask``.
+    """
+
+
+@hookspec(firstresult=True)
+def wrap_peft(model: Any, config: Any, tokenizer: Any) -> Any:
+    """Return a wrapped model (LoRA, prompt tuning, ...) or ``None``.
+
+    Return ``None`` unless this plugin's method was selected: when every
+    plugin returns ``None`` the model is trained in full.
+    """
+
+
+@hookspec(firstresult=True)
+def build_collator(tokenizer: Any, config: Any) -> Any:
+    """Return the data collator (callable turning a list of rows into a batch)."""
+
+
+@hookspec(firstresult=True)
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    config: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    data_collator: Any,
+    training_args: Any,
+    callbacks: list[Any],
+) -> Any:
+    """Return a ``transformers.Trainer`` (or subclass) ready to ``train()``.
+
+    ``training_args`` is the ``TrainingArguments`` the core built from the
+    config; ``callbacks`` must be passed on, they drive the ``on_*`` hooks.
+    """
+
+
+@hookspec(firstresult=True)
+def save(model: Any, tokenizer: Any, output_dir: str, config: Any, trainer: Any) -> Any:
+    """Save the final model and tokenizer to ``output_dir``; return the path.
+
+    Called on every process (distributed saving may need all of them); write
+    files only where ``trainer.is_world_process_zero()`` unless the format
+    needs every rank.
+    """
+
+
+# -------------------------------------------------------------------- events
+#
+# Broadcast hooks called while training. They run on every process; use
+# ``run.is_main_process`` to write only once. A result may be a dict of
+# control decisions, merged into the trainer's control by "or":
+# ``{"should_training_stop": True}``, ``should_save``, ``should_evaluate``,
+# ``should_log``, ``should_epoch_stop``.
+
+
+@hookspec
+def on_train_begin(run: Any) -> dict[str, bool] | None:
+    """Training is about to start (after a resume, ``run.state`` is restored)."""
+
+
+@hookspec
+def on_step(run: Any) -> dict[str, bool] | None:
+    """An optimizer step finished (``run.state.global_step`` counts it)."""
+
+
+@hookspec
+def on_log(run: Any, logs: dict[str, float]) -> dict[str, bool] | None:
+    """The trainer logged ``logs`` (loss, learning_rate, grad_norm, eval_*...)."""
+
+
+@hookspec
+def on_evaluate(run: Any, metrics: dict[str, float]) -> dict[str, bool] | None:
+    """An evaluation finished with ``metrics`` (``eval_loss``, ...)."""
+
+
+@hookspec
+def on_save(run: Any, checkpoint_dir: str) -> dict[str, bool] | None:
+    """A checkpoint was written to ``checkpoint_dir``."""
+
+
+@hookspec
+def on_train_end(run: Any, summary: dict[str, Any]) -> None:
+    """Training finished and the final model was saved.
+
+    ``summary`` is the run summary about to be written to
+    ``output_dir/run_summary.json``; plugins may add keys to it.
+    """

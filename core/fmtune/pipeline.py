@@ -1,0 +1,242 @@
+"""The training pipeline: a short sequence of hook calls.
+
+Each step asks the plugins (firstresult hooks, core defaults last), then the
+trainer runs with a callback that turns transformers' events into the
+``on_*`` broadcast hooks and merges the control decisions they return.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import __version__
+from .config import Config, ConfigError
+from .plugins import plugin_versions
+
+log = logging.getLogger("fmtune")
+
+CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save",
+                 "should_evaluate", "should_log")
+SUMMARY_FILE = "run_summary.json"
+
+
+@dataclass
+class Run:
+    """The live run handed to the ``on_*`` hooks."""
+
+    config: Config
+    pm: pluggy.PluginManager
+    output_dir: str
+    resumed_from: str | None = None
+    model: Any = None
+    tokenizer: Any = None
+    trainer: Any = None
+    state: Any = None
+    world_size: int = 1
+    is_main_process: bool = True
+    tokens_at_start: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def validate(config: Config, pm: pluggy.PluginManager) -> None:
+    """Run every plugin's ``validate_config``; raise one error listing all problems."""
+    problems: list[str] = []
+    for result in pm.hook.validate_config(config=config):
+        if isinstance(result, str):
+            problems.append(result)
+        elif result:
+            problems.extend(result)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _required(value: Any, hook: str) -> Any:
+    if value is None:
+        raise RuntimeError(f"no plugin answered {hook}")
+    return value
+
+
+def make_callback(run: Run):
+    from transformers import TrainerCallback
+
+    class HookCallback(TrainerCallback):
+        """Forwards transformers' events to the fmtune ``on_*`` hooks."""
+
+        def _merge(self, control, results):
+            for result in results:
+                for key, value in (result or {}).items():
+                    if key not in CONTROL_FLAGS:
+                        raise ValueError(f"a plugin returned unknown control decision {key!r}; "
+                                         f"known: {', '.join(CONTROL_FLAGS)}")
+                    if value:
+                        setattr(control, key, True)
+            return control
+
+        def on_train_begin(self, args, state, control, **kw):
+            run.state = state
+            run.tokens_at_start = int(state.num_input_tokens_seen or 0)
+            return self._merge(control, run.pm.hook.on_train_begin(run=run))
+
+        def on_step_end(self, args, state, control, **kw):
+            return self._merge(control, run.pm.hook.on_step(run=run))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            return self._merge(control, run.pm.hook.on_log(run=run, logs=dict(logs or {})))
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            return self._merge(control, run.pm.hook.on_evaluate(run=run, metrics=dict(metrics or {})))
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            return self._merge(control, run.pm.hook.on_save(run=run, checkpoint_dir=ckpt))
+
+    return HookCallback()
+
+
+def training_arguments(config: Config):
+    from transformers import TrainingArguments
+
+    from .default_plugins.model import resolve_dtype
+    import torch
+
+    dtype = resolve_dtype(config.torch_dtype)
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps or config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=config.optim,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy=config.save_strategy,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy=config.eval_strategy,
+        eval_steps=config.eval_steps,
+        **({"gradient_checkpointing": True} if config.gradient_checkpointing else {}),
+        seed=config.seed,
+        use_cpu=config.use_cpu,
+        bf16=False,
+        fp16=dtype == torch.float16 and torch.cuda.is_available(),
+        report_to=[],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def find_resume(config: Config) -> str | None:
+    """The checkpoint to resume from, per ``resume_from_checkpoint``."""
+    value = str(config.resume_from_checkpoint)
+    if value.lower() in ("false", "none"):
+        return None
+    if value.lower() in ("auto", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if last is None and value.lower() == "true":
+            log.warning("resume_from_checkpoint=true but %s holds no checkpoint: starting fresh",
+                        config.output_dir)
+        return last
+    return value
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
+    """Run a whole training; return the run summary (also written to output_dir)."""
+    import torch
+
+    start = time.perf_counter()
+    validate(config, pm)
+    run = Run(config=config, pm=pm, output_dir=config.output_dir)
+
+    t = time.perf_counter()
+    run.tokenizer = _required(pm.hook.load_tokenizer(config=config), "load_tokenizer")
+    run.model = _required(pm.hook.load_model(config=config, tokenizer=run.tokenizer), "load_model")
+    run.timings["model_load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train_ds, eval_ds = _required(pm.hook.prepare_data(config=config, tokenizer=run.tokenizer),
+                                  "prepare_data")
+    run.timings["data_prep_s"] = time.perf_counter() - t
+
+    wrapped = pm.hook.wrap_peft(model=run.model, config=config, tokenizer=run.tokenizer)
+    if wrapped is not None:
+        run.model = wrapped
+    collator = _required(pm.hook.build_collator(tokenizer=run.tokenizer, config=config),
+                         "build_collator")
+    os.makedirs(config.output_dir, exist_ok=True)
+    args = training_arguments(config)
+    run.world_size = args.world_size
+    run.trainer = _required(pm.hook.build_trainer(
+        model=run.model, tokenizer=run.tokenizer, config=config, train_dataset=train_ds,
+        eval_dataset=eval_ds, data_collator=collator, training_args=args,
+        callbacks=[make_callback(run)]), "build_trainer")
+    run.is_main_process = run.trainer.is_world_process_zero()
+    run.state = run.trainer.state
+
+    run.resumed_from = find_resume(config)
+    if run.resumed_from:
+        log.info("resuming from %s", run.resumed_from)
+    t = time.perf_counter()
+    result = run.trainer.train(resume_from_checkpoint=run.resumed_from)
+    run.timings["train_s"] = time.perf_counter() - t
+
+    save_dir = config.save_model_dir or config.output_dir
+    saved = pm.hook.save(model=run.trainer.model, tokenizer=run.tokenizer, output_dir=save_dir,
+                         config=config, trainer=run.trainer)
+
+    state = run.trainer.state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    tokens = int(state.num_input_tokens_seen or 0) - run.tokens_at_start  # this run's, not resumed
+    summary: dict[str, Any] = {
+        "fmtune_version": __version__,
+        "model_name_or_path": config.model_name_or_path,
+        "global_step": state.global_step,
+        "epoch": state.epoch,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "train_tokens": tokens,
+        "tokens_per_second": tokens / run.timings["train_s"] if run.timings["train_s"] else None,
+        "model_load_s": round(run.timings["model_load_s"], 3),
+        "data_prep_s": round(run.timings["data_prep_s"], 3),
+        "train_s": round(run.timings["train_s"], 3),
+        "wall_time_s": None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_gpu_memory_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                               if torch.cuda.is_available() else None),
+        "world_size": run.world_size,
+        "device": str(args.device),
+        "plugins": plugin_versions(pm),
+        "resumed_from": run.resumed_from,
+        "output_dir": os.path.abspath(config.output_dir),
+        "model_saved_to": os.path.abspath(saved) if saved else None,
+    }
+    pm.hook.on_train_end(run=run, summary=summary)
+    summary["wall_time_s"] = round(time.perf_counter() - start, 3)
+    if run.is_main_process:
+        tmp = os.path.join(config.output_dir, SUMMARY_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+        os.replace(tmp, os.path.join(config.output_dir, SUMMARY_FILE))
+    return summary

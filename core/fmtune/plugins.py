@@ -1,0 +1,148 @@
+"""Finding, loading and listing plugins.
+
+Plugins are entry points in the group ``fmtune``; the entry point's name is
+what users type in ``--plugins``. Only the plugins a run names are imported,
+so a broken plugin cannot take down other runs. The core's own behaviour is a
+set of default plugins (``fmtune.default_plugins``) registered first, whose
+implementations are ``trylast``. No torch here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import ConfigError
+
+GROUP = "fmtune"
+
+DEFAULT_PLUGINS = (
+    "fmtune.default_plugins.options",
+    "fmtune.default_plugins.model",
+    "fmtune.default_plugins.data",
+    "fmtune.default_plugins.training",
+    "fmtune.default_plugins.logs",
+)
+
+
+class PluginError(ConfigError):
+    """A requested plugin is missing or broken (exit code 2)."""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    value: str
+    distribution: str | None
+    version: str | None
+    entry_point: Any
+
+    def load(self) -> Any:
+        return self.entry_point.load()
+
+
+def installed() -> dict[str, PluginInfo]:
+    """Installed plugins by name, from entry point metadata only (imports nothing)."""
+    found: dict[str, PluginInfo] = {}
+    for ep in metadata.entry_points(group=GROUP):
+        dist = getattr(ep, "dist", None)
+        found.setdefault(ep.name, PluginInfo(
+            ep.name, ep.value,
+            dist.metadata["Name"] if dist else None,
+            dist.version if dist else None,
+            ep,
+        ))
+    return dict(sorted(found.items()))
+
+
+def new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for modname in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(modname), name=f"default:{modname.rsplit('.', 1)[1]}")
+    return pm
+
+
+def split_names(names: Any) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (order kept, duplicates dropped)."""
+    if names is None:
+        return []
+    items = names.split(",") if isinstance(names, str) else [str(n) for n in names]
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if part and part not in out:
+                out.append(part)
+    return out
+
+
+def load(names: list[str], pm: pluggy.PluginManager | None = None) -> pluggy.PluginManager:
+    """A plugin manager with the defaults plus the named plugins, checked.
+
+    A missing or broken plugin is a :class:`PluginError` naming what is installed.
+    """
+    pm = pm or new_manager()
+    available = installed()
+    listing = ", ".join(available) or "none"
+    for name in names:
+        info = available.get(name)
+        if info is None:
+            from .config import suggest
+            raise PluginError(
+                f"plugin {name!r} is not installed{suggest(name, available)}; "
+                f"installed plugins: {listing}"
+            )
+        try:
+            obj = info.load()
+        except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
+            raise PluginError(
+                f"plugin {name!r} ({info.value}) failed to load: {type(e).__name__}: {e}; "
+                f"installed plugins: {listing}"
+            ) from e
+        if pm.is_registered(obj):
+            continue
+        pm.register(obj, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin hook error: {e}") from e
+    return pm
+
+
+def hook_names(obj: Any) -> list[str]:
+    """The fmtune hooks a plugin object implements."""
+    specs = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "fmtune_spec")}
+    return sorted(n for n in specs if hasattr(getattr(obj, n, None), "fmtune_impl"))
+
+
+def describe() -> list[dict[str, Any]]:
+    """Everything ``fmtune plugins`` shows: defaults, then installed plugins."""
+    rows: list[dict[str, Any]] = []
+    from . import __version__
+    for modname in DEFAULT_PLUGINS:
+        mod = importlib.import_module(modname)
+        rows.append({"name": f"default:{modname.rsplit('.', 1)[1]}", "entry_point": modname,
+                     "distribution": "fmtune", "version": __version__,
+                     "hooks": hook_names(mod), "error": None})
+    for info in installed().values():
+        row = {"name": info.name, "entry_point": info.value, "distribution": info.distribution,
+               "version": info.version, "hooks": [], "error": None}
+        try:
+            row["hooks"] = hook_names(info.load())
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    return rows
+
+
+def plugin_versions(pm: pluggy.PluginManager) -> dict[str, str | None]:
+    """Active non-default plugins with their distribution versions."""
+    avail = installed()
+    return {name: (avail[name].version if name in avail else None)
+            for name, _ in pm.list_name_plugin() if not name.startswith("default:")}

@@ -1,0 +1,79 @@
+"""Helpers for testing fmtune and fmtune plugins without any download.
+
+``build_tiny_model(folder, texts)`` trains a byte-level BPE tokenizer on
+``texts`` and saves it with a random-init tiny Llama, loadable with
+``from_pretrained``. ``run_cli(argv, plugins=[...])`` runs the CLI in-process
+with extra plugin objects registered. The pytest plugin
+(:mod:`fmtune.pytest_plugin`) wraps these as fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 400):
+    """A byte-level BPE tokenizer (eos ``<|endoftext|>`` id 0, pad ``<|pad|>`` id 1)."""
+    from .bpe import train_bpe_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        corpus = os.path.join(d, "corpus.txt")
+        Path(corpus).write_text("\n".join(texts), encoding="utf-8")
+        return train_bpe_tokenizer([corpus], vocab_size)
+
+
+def build_tiny_model(folder: str | os.PathLike, texts: Iterable[str], seed: int = 0,
+                     vocab_size: int = 400, **config_overrides: Any) -> str:
+    """Save a tokenizer trained on ``texts`` and a random-init tiny Llama to ``folder``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(texts, vocab_size)
+    cfg = LlamaConfig(**{**TINY_LLAMA, **config_overrides}, vocab_size=len(tok),
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(argv: list[str], plugins: list[Any] = ()) -> CliResult:
+    """Run ``fmtune ARGV`` in this process, with ``plugins`` registered; capture output."""
+    from .cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv), extra_plugins=list(plugins))
+        except SystemExit as e:  # argparse errors
+            code = e.code if isinstance(e.code, int) else 1
+    return CliResult(code, out.getvalue(), err.getvalue())
