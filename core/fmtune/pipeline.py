@@ -168,15 +168,17 @@ def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     validate(config, pm)
     run = Run(config=config, pm=pm, output_dir=config.output_dir)
 
+    # Data before the model: bad data fails fast, and a data plugin may add tokens
+    # that the model's embeddings are then resized to.
     t = time.perf_counter()
     run.tokenizer = _required(pm.hook.load_tokenizer(config=config), "load_tokenizer")
-    run.model = _required(pm.hook.load_model(config=config, tokenizer=run.tokenizer), "load_model")
-    run.timings["model_load_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     train_ds, eval_ds = _required(pm.hook.prepare_data(config=config, tokenizer=run.tokenizer),
                                   "prepare_data")
     run.timings["data_prep_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    run.model = _required(pm.hook.load_model(config=config, tokenizer=run.tokenizer), "load_model")
+    run.timings["model_load_s"] = time.perf_counter() - t
 
     wrapped = pm.hook.wrap_peft(model=run.model, config=config, tokenizer=run.tokenizer)
     if wrapped is not None:

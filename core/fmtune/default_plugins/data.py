@@ -116,11 +116,13 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, counts
                    eos: bool = True) -> dict[str, list]:
     """Tokenize (prompt, completion) pairs: prompt masked, completion (+EOS) trained."""
     eos_id = tokenizer.eos_token_id
+    out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
+    if not pairs:
+        return out
     prompts = [p for p, _ in pairs]
     fulls = [p + c for p, c in pairs]
     p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if any(prompts) else [[] for _ in pairs]
     f_ids = tokenizer(fulls, add_special_tokens=True)["input_ids"]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
     for (prompt, completion), pi, fi in zip(pairs, p_ids, f_ids):
         if not prompt:
             pi, ci = [], fi
