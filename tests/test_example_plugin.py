@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,11 @@ FMTUNE = os.path.join(os.path.dirname(sys.executable), "fmtune")
 
 def test_pip_installed_plugin_is_listed_and_called(fmtune_tiny_model, tmp_path):
     site = tmp_path / "site"
+    source = tmp_path / "src"
+    shutil.copytree(EXAMPLE, source)  # the build writes next to the sources: keep the repo clean
     # A real pip install (into its own folder, so the test venv is left as it was).
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(site), str(EXAMPLE)],
+                    "--no-build-isolation", "--target", str(site), str(source)],
                    check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(site)}
 
