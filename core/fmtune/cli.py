@@ -245,7 +245,8 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
 
     acc, preds = exact_match(model, tokenizer, records, args.max_new_tokens)
     for rec, pred in list(zip(records, preds))[: args.show]:
-        print(f"  {rec['input']!r} -> {pred.strip()!r} (expected {str(rec['output'])!r})")
+        shown = pred.strip() if len(pred.strip()) <= 80 else pred.strip()[:77] + "..."
+        print(f"  {rec['input']!r} -> {shown!r} (expected {str(rec['output'])!r})")
     print(f"exact match: {acc:.3f} ({round(acc * len(records))}/{len(records)})")
     return 0
 
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
     except ConfigError as e:
         print(f"fmtune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fmtune train --help | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

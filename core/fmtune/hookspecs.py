@@ -71,9 +71,9 @@ def load_tokenizer(config: Any) -> Any:
 def load_model(config: Any, tokenizer: Any) -> Any:
     """Return the model to train (a ``PreTrainedModel``).
 
-    The tokenizer is already loaded, so an implementation can resize
-    embeddings to it. Use ``wrapper=True`` to post-process another plugin's
-    model.
+    Called after ``prepare_data`` (bad data fails before any weights load),
+    so the tokenizer is final: resize embeddings to ``len(tokenizer)`` if
+    it grew. Use ``wrapper=True`` to post-process another plugin's model.
     """
 
 
@@ -81,7 +81,8 @@ def load_model(config: Any, tokenizer: Any) -> Any:
 def prepare_data(config: Any, tokenizer: Any) -> Any:
     """Return ``(train_dataset, eval_dataset_or_None)`` ready for the collator.
 
-    Rows hold ``input_ids``, ``labels`` (``-100`` where no loss is taken) and
+    Called after ``load_tokenizer`` and before ``load_model``; it may add
+    tokens to the tokenizer. Rows hold ``input_ids``, ``labels`` (``-100`` where no loss is taken) and
     optionally ``attention_mask``.
     """
 
