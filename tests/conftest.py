@@ -22,14 +22,19 @@ def install_fake_plugin(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     added: list[str] = []
 
-    def install(name: str, source: str, version: str = "1.2.3") -> Path:
+    def install(name: str, source: str, version: str = "1.2.3",
+                commands: dict[str, str] | None = None) -> Path:
         module = f"fmtune_fake_{name}"
         (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
         dist = site / f"fmtune_fake_{name}-{version}.dist-info"
         dist.mkdir()
         (dist / "METADATA").write_text(
             f"Metadata-Version: 2.1\nName: fmtune-fake-{name}\nVersion: {version}\n", encoding="utf-8")
-        (dist / "entry_points.txt").write_text(f"[fmtune]\n{name} = {module}\n", encoding="utf-8")
+        eps = f"[fmtune]\n{name} = {module}\n"
+        if commands:
+            eps += "[fmtune.commands]\n" + "".join(
+                f"{cmd} = {module}:{fn}\n" for cmd, fn in commands.items())
+        (dist / "entry_points.txt").write_text(eps, encoding="utf-8")
         added.append(module)
         importlib.invalidate_caches()
         return site

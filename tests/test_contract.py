@@ -92,6 +92,14 @@ class Everything:
         self.seen.setdefault("on_step", []).append(run.state.global_step)
 
     @hookimpl
+    def on_epoch_begin(self, run):
+        self.seen.setdefault("on_epoch_begin", []).append(run.state.global_step)
+
+    @hookimpl
+    def on_epoch_end(self, run):
+        self.seen.setdefault("on_epoch_end", []).append(run.state.global_step)
+
+    @hookimpl
     def on_log(self, run, logs):
         self.seen.setdefault("on_log", []).append(sorted(logs))
 
@@ -126,6 +134,8 @@ def test_every_hook_takes_effect(fmtune_tiny_model, tmp_path):
     assert seen["validate_config"] == 4 and seen["train_rows"] == 4
     assert seen["save"] == "ContractTrainer"
     assert seen["on_train_begin"] == 0 and seen["on_step"] == [1, 2, 3]
+    # 4 rows, batch 2: epochs end at steps 2 and 4; max_steps=3 stops inside the second
+    assert seen["on_epoch_begin"] == [0, 2] and seen["on_epoch_end"] == [2, 3]
     assert seen["on_save"] == ["checkpoint-3"] and seen["on_train_end"] == 3
     assert len(seen["on_evaluate"]) == 1
     assert {"epoch", "grad_norm", "learning_rate", "loss"} <= set(seen["on_log"][0])

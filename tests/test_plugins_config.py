@@ -185,3 +185,24 @@ def test_console_script_version_and_unknown_command():
     assert out.returncode == 0 and out.stdout.startswith("fmtune 0.")
     out = subprocess.run([exe, "trian"], capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean 'train'" in out.stderr
+
+
+COMMAND_PLUGIN = """
+    def hello(argv):
+        print("hello", *argv)
+        return 3
+
+    def broken(argv):
+        raise AssertionError("never called")
+"""
+
+
+def test_plugin_commands_are_listed_without_import_and_run(install_fake_plugin):
+    install_fake_plugin("cmds", COMMAND_PLUGIN, commands={"hello": "hello", "trian": "broken"})
+    res = run_cli(["--help"])
+    assert "plugin commands" in res.stdout and "hello       from fmtune-fake-cmds" in res.stdout
+    assert "fmtune_fake_cmds" not in sys.modules  # listing imported nothing
+    res = run_cli(["hello", "a", "b"])
+    assert res.exit_code == 3 and res.stdout == "hello a b\n"
+    res = run_cli(["train", "--help"])  # core commands cannot be shadowed
+    assert res.exit_code == 0 and "usage: fmtune train" in res.stdout

@@ -256,26 +256,58 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
 
 COMMANDS = {"train": cmd_train, "plugins": cmd_plugins, "generate": cmd_generate,
             "evaluate": cmd_evaluate}
+COMMAND_GROUP = "fmtune.commands"
+
+
+def plugin_commands() -> dict[str, Any]:
+    """Sub-commands installed by plugins: entry points ``NAME = "module:function"`` in the
+    group ``fmtune.commands``; ``function(argv) -> exit code``. Listed without importing."""
+    from importlib import metadata
+
+    found = {}
+    for ep in metadata.entry_points(group=COMMAND_GROUP):
+        if ep.name not in COMMANDS:
+            found.setdefault(ep.name, ep)
+    return dict(sorted(found.items()))
+
+
+def _usage() -> str:
+    extra = plugin_commands()
+    if not extra:
+        return USAGE
+    lines = [f"  {name:<11} from {ep.dist.metadata['Name'] if ep.dist else ep.value}"
+             for name, ep in extra.items()]
+    return USAGE.replace("\n`fmtune train --help",
+                         "\nplugin commands (`fmtune COMMAND --help`):\n" + "\n".join(lines)
+                         + "\n\n`fmtune train --help")
 
 
 def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
     """Entry point; ``extra_plugins`` registers plugin objects (used by tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
         print(f"fmtune {__version__}")
         return 0
     command = COMMANDS.get(argv[0])
-    if command is None:
+    extra = plugin_commands() if command is None else {}
+    if command is None and argv[0] not in extra:
         from .config import suggest
 
-        print(f"fmtune: error: unknown command {argv[0]!r}{suggest(argv[0], COMMANDS)}\n\n{USAGE}",
-              file=sys.stderr)
+        print(f"fmtune: error: unknown command {argv[0]!r}{suggest(argv[0], [*COMMANDS, *extra])}"
+              f"\n\n{_usage()}", file=sys.stderr)
         return 2
     _setup_logging()
     try:
+        if command is None:
+            try:
+                command = extra[argv[0]].load()
+            except Exception as e:  # noqa: BLE001 - report any import failure the same way
+                raise ConfigError(f"command {argv[0]!r} ({extra[argv[0]].value}) failed to load: "
+                                  f"{type(e).__name__}: {e}") from e
+            return int(command(argv[1:]) or 0)
         if command in (cmd_train, cmd_evaluate):
             return command(argv[1:], extra_plugins)
         return command(argv[1:])

@@ -149,6 +149,16 @@ def on_step(run: Any) -> dict[str, bool] | None:
 
 
 @hookspec
+def on_epoch_begin(run: Any) -> dict[str, bool] | None:
+    """An epoch is starting (``run.state.epoch`` is where it starts)."""
+
+
+@hookspec
+def on_epoch_end(run: Any) -> dict[str, bool] | None:
+    """An epoch ended."""
+
+
+@hookspec
 def on_log(run: Any, logs: dict[str, float]) -> dict[str, bool] | None:
     """The trainer logged ``logs`` (loss, learning_rate, grad_norm, eval_*...)."""
 

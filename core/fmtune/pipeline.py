@@ -88,6 +88,12 @@ def make_callback(run: Run):
         def on_step_end(self, args, state, control, **kw):
             return self._merge(control, run.pm.hook.on_step(run=run))
 
+        def on_epoch_begin(self, args, state, control, **kw):
+            return self._merge(control, run.pm.hook.on_epoch_begin(run=run))
+
+        def on_epoch_end(self, args, state, control, **kw):
+            return self._merge(control, run.pm.hook.on_epoch_end(run=run))
+
         def on_log(self, args, state, control, logs=None, **kw):
             return self._merge(control, run.pm.hook.on_log(run=run, logs=dict(logs or {})))
 
