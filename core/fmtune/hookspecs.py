@@ -51,11 +51,13 @@ def add_options(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def validate_config(config: Any) -> list[str] | str | None:
+def validate_config(config: Any, pm: Any) -> list[str] | str | None:
     """Check the resolved config before anything heavy happens.
 
     Return a message, a list of messages, or ``None``. Every plugin runs and
     all problems are reported together; any problem stops the run (exit 2).
+    ``pm`` is the plugin manager, for plugins that collect registrations from
+    other plugins (``pm.hook.register_controller_metrics(...)``).
     """
 
 
@@ -179,4 +181,39 @@ def on_train_end(run: Any, summary: dict[str, Any]) -> None:
 
     ``summary`` is the run summary about to be written to
     ``output_dir/run_summary.json``; plugins may add keys to it.
+    """
+
+
+# ------------------------------------------------------ called by plugins
+#
+# The core never calls these: it defines them so that plugins share one
+# contract. A plugin that owns a registry calls them on the plugin manager
+# (``run.pm`` or the ``pm`` argument of ``validate_config``) and must refuse
+# duplicate names.
+
+PLUGIN_CALLED = ("register_data_handlers", "register_controller_metrics",
+                 "register_controller_operations")
+
+
+@hookspec
+def register_data_handlers(register: Callable[..., None]) -> None:
+    """Add data handlers: ``register(name, function)``, usable by name in a data_config.
+
+    Called by the data handlers plugin; see its README for the function's signature.
+    """
+
+
+@hookspec
+def register_controller_metrics(register: Callable[..., None]) -> None:
+    """Add trainer-controller metrics: ``register(name, cls)``.
+
+    Called by the trainer_controller plugin; see its README for the class contract.
+    """
+
+
+@hookspec
+def register_controller_operations(register: Callable[..., None]) -> None:
+    """Add trainer-controller operations: ``register(name, cls)``.
+
+    Called by the trainer_controller plugin; see its README for the class contract.
     """

@@ -49,7 +49,7 @@ class Run:
 def validate(config: Config, pm: pluggy.PluginManager) -> None:
     """Run every plugin's ``validate_config``; raise one error listing all problems."""
     problems: list[str] = []
-    for result in pm.hook.validate_config(config=config):
+    for result in pm.hook.validate_config(config=config, pm=pm):
         if isinstance(result, str):
             problems.append(result)
         elif result:
