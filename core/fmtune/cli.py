@@ -111,12 +111,17 @@ def _owner_hint(active: list[str]):
     return hint
 
 
-def load_config(argv: list[str], extra_plugins: list[Any] = ()):
-    """Parse ``train``-style arguments into ``(config, pm, want_help, registry)``."""
+def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[str] = ()):
+    """Parse ``train``-style arguments into ``(config, pm, want_help, registry)``.
+
+    ``activate`` names plugins to enable in any case (a plugin's own sub-command
+    passes its entry point name).
+    """
     config_path, cli_plugins, want_help, rest = _split_train_argv(argv)
     yaml_values = read_yaml(config_path) if config_path else {}
     names = plugin_mod.split_names(cli_plugins if cli_plugins is not None
                                    else yaml_values.get("plugins"))
+    names += [n for n in activate if n not in names]
     pm = plugin_mod.new_manager()
     for obj in extra_plugins:
         pm.register(obj)

@@ -80,11 +80,12 @@ def load_model(config: Any, tokenizer: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def prepare_data(config: Any, tokenizer: Any) -> Any:
+def prepare_data(config: Any, tokenizer: Any, pm: Any) -> Any:
     """Return ``(train_dataset, eval_dataset_or_None)`` ready for the collator.
 
     Called after ``load_tokenizer`` and before ``load_model``; it may add
-    tokens to the tokenizer. Rows hold ``input_ids``, ``labels`` (``-100`` where no loss is taken) and
+    tokens to the tokenizer. ``pm`` is the plugin manager (for plugin-owned
+    registries such as ``register_data_handlers``). Rows hold ``input_ids``, ``labels`` (``-100`` where no loss is taken) and
     optionally ``attention_mask``.
     """
 

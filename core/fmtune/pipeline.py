@@ -178,7 +178,7 @@ def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     # that the model's embeddings are then resized to.
     t = time.perf_counter()
     run.tokenizer = _required(pm.hook.load_tokenizer(config=config), "load_tokenizer")
-    train_ds, eval_ds = _required(pm.hook.prepare_data(config=config, tokenizer=run.tokenizer),
+    train_ds, eval_ds = _required(pm.hook.prepare_data(config=config, tokenizer=run.tokenizer, pm=pm),
                                   "prepare_data")
     run.timings["data_prep_s"] = time.perf_counter() - t
 

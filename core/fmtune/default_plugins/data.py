@@ -196,6 +196,23 @@ def build_dataset(config, tokenizer, path: str):
 
 
 @hookimpl(trylast=True)
+def validate_config(config, pm):
+    """The data options this default path reads; skipped when a plugin prepares the data."""
+    if any(impl.plugin_name != "default:data" for impl in pm.hook.prepare_data.get_hookimpls()):
+        return None
+    problems = []
+    if not config.training_data_path:
+        problems.append("training_data_path is required (YAML key or --training_data_path)")
+    if config.dataset_text_field and config.data_formatter_template:
+        problems.append("dataset_text_field and data_formatter_template are exclusive: set one")
+    if config.response_template and not (config.dataset_text_field or config.data_formatter_template):
+        problems.append("response_template needs dataset_text_field or data_formatter_template")
+    if config.eval_strategy != "no" and not config.validation_data_path:
+        problems.append(f"eval_strategy={config.eval_strategy} needs validation_data_path")
+    return problems
+
+
+@hookimpl(trylast=True)
 def prepare_data(config, tokenizer):
     train = build_dataset(config, tokenizer, config.training_data_path)
     evalset = None

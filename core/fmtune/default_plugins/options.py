@@ -68,15 +68,9 @@ def add_options(register):
 
 def _problems_for(config):
     problems = []
-    for name in ("model_name_or_path", "training_data_path", "output_dir"):
+    for name in ("model_name_or_path", "output_dir"):
         if not config.get(name):
             problems.append(f"{name} is required (YAML key or --{name})")
-    if config.dataset_text_field and config.data_formatter_template:
-        problems.append("dataset_text_field and data_formatter_template are exclusive: set one")
-    if config.response_template and not (config.dataset_text_field or config.data_formatter_template):
-        problems.append("response_template needs dataset_text_field or data_formatter_template")
-    if config.eval_strategy != "no" and not config.validation_data_path:
-        problems.append(f"eval_strategy={config.eval_strategy} needs validation_data_path")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length"):
         if config.get(name) is not None and config.get(name) < 1:
             problems.append(f"{name} must be >= 1, got {config.get(name)}")

@@ -1,0 +1,125 @@
+"""``fmtune preprocess`` and ``fmtune data preview`` (entry points in ``fmtune.commands``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+from fmtune.cli import load_config, train_help
+from fmtune.pipeline import validate
+
+from . import plugin
+
+NAME = "data_handlers"
+IGNORE = -100
+
+
+def _setup(argv: list[str], prog: str):
+    config, pm, want_help, registry = load_config(argv, activate=[NAME])
+    if want_help:
+        print(train_help(registry, [n for n, _ in pm.list_name_plugin()
+                                    if not n.startswith("default:")]).replace(
+            "usage: fmtune train", f"usage: {prog}", 1))
+        return None
+    validate(config, pm)
+    tokenizer = pm.hook.load_tokenizer(config=config)
+    return config, tokenizer, plugin.prepare(config, tokenizer, pm)
+
+
+def _counts_line(counts: dict[str, int]) -> str:
+    kept = counts.get("ok", 0) + counts.get("truncated", 0)
+    parts = [f"{kept} kept", f"{counts.get('truncated', 0)} truncated at max_seq_length"]
+    dropped = {s: n for s, n in counts.items() if s.startswith("dropped")}
+    parts.append(f"{sum(dropped.values())} dropped" + (
+        " (" + "; ".join(f"{n} {s.removeprefix('dropped: ')}" for s, n in dropped.items()) + ")"
+        if dropped else ""))
+    return ", ".join(parts)
+
+
+def preprocess(argv: list[str]) -> int:
+    """fmtune preprocess [train options]: write tokenized parquet for `fmtune train`."""
+    ready = _setup(argv, "fmtune preprocess")
+    if ready is None:
+        return 0
+    config, tokenizer, prepared = ready
+    out = config.output_dir
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=out)
+    try:
+        written = {}
+        for split, ds in (("train", prepared.train), ("validation", prepared.validation)):
+            if ds is None:
+                continue
+            folder = os.path.join(tmp, f"{split}_dataset")
+            os.makedirs(folder)
+            shards = max(1, len(ds) // 500_000 + (len(ds) % 500_000 > 0))
+            for k in range(shards):
+                ds.shard(shards, k, contiguous=True).to_parquet(
+                    os.path.join(folder, f"{split}-{k:05d}-of-{shards:05d}.parquet"))
+            written[split] = len(ds)
+        for split in written:
+            final = os.path.join(out, f"{split}_dataset")
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(tmp, f"{split}_dataset"), final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for split, n in written.items():
+        print(f"{split}: {_counts_line(prepared.counts[split])} -> "
+              f"{os.path.join(out, f'{split}_dataset')} ({n} rows)")
+    return 0
+
+
+def mark(tokenizer, ids, labels, color: bool) -> str:
+    """Decoded text with the trained tokens in green (terminal) or [[brackets]]."""
+    groups: list[tuple[bool, list[int]]] = []
+    for tid, lab in zip(ids, labels):
+        trained = lab != IGNORE
+        if groups and groups[-1][0] == trained:
+            groups[-1][1].append(tid)
+        else:
+            groups.append((trained, [tid]))
+    parts = []
+    for trained, toks in groups:
+        text = tokenizer.decode(toks)
+        if trained:
+            text = f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]"
+        parts.append(text)
+    return "".join(parts)
+
+
+def data(argv: list[str]) -> int:
+    """fmtune data preview [--n N] [--color auto|always|never] [train options]."""
+    if not argv or argv[0] != "preview":
+        print("usage: fmtune data preview [--n N] [--color auto|always|never] [train options]\n"
+              "Shows processed examples with the trained tokens marked, and what was kept, "
+              "truncated and dropped.", file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else
+              sys.stdout)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    ap = argparse.ArgumentParser(prog="fmtune data preview", add_help=False)
+    ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    args, rest = ap.parse_known_args(argv[1:])
+    if "--output_dir" not in " ".join(rest):
+        rest += ["--output_dir", os.devnull]  # preview writes nothing
+    ready = _setup(rest, "fmtune data preview")
+    if ready is None:
+        return 0
+    config, tokenizer, prepared = ready
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    ds = prepared.train
+    shown = ds.select(range(min(args.n, len(ds)))) if hasattr(ds, "select") else list(ds.take(args.n))
+    legend = "green" if color else "[[ ]]"
+    print(f"trained tokens are marked {legend}\n")
+    for k, row in enumerate(shown):
+        n_trained = sum(1 for lab in row["labels"] if lab != IGNORE)
+        print(f"--- example {k + 1}: {len(row['input_ids'])} tokens, {n_trained} trained")
+        print(mark(tokenizer, row["input_ids"], row["labels"], color))
+    print()
+    for split, counts in prepared.counts.items():
+        if counts:
+            print(f"{split}: {_counts_line(counts)}")
+    return 0

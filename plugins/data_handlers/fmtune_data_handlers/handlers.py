@@ -1,0 +1,288 @@
+"""Built-in data handlers (fms-hf-tuning names) and the handler registry.
+
+A handler is a function plus a kind:
+
+* ``map``: ``fn(batch, **fn_kwargs) -> dict of columns`` with ``batched: true``
+  (the default), or ``fn(record, **fn_kwargs) -> dict`` with ``batched: false``;
+  run through ``Dataset.map``. A tokenizing handler returns ``input_ids``,
+  ``labels``, ``attention_mask`` and a ``status`` column (``ok``,
+  ``truncated``, ``dropped: reason``) that fmtune counts and removes;
+* ``filter``: ``fn(batch, **fn_kwargs) -> list[bool]`` (or one bool unbatched);
+* ``dataset``: ``fn(dataset, **fn_kwargs) -> dataset``.
+
+fmtune passes ``tokenizer`` and ``max_seq_length`` to any handler whose
+signature names them. Third-party plugins register handlers with the
+``register_data_handlers(register)`` hook: ``register(name, fn, kind="map")``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fmtune.config import suggest
+
+from .loading import DataError
+from .masking import encode, join
+
+KINDS = ("map", "filter", "dataset")
+
+
+@dataclass
+class Handler:
+    name: str
+    fn: Callable[..., Any]
+    kind: str
+    plugin: str
+
+    def accepts(self, arg: str) -> bool:
+        params = inspect.signature(self.fn).parameters
+        return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class Registry:
+    """Handlers by name; collected from every active plugin, duplicates refused."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def register_for(self, plugin: str):
+        def register(name: str, fn: Callable[..., Any], kind: str = "map") -> None:
+            if kind not in KINDS:
+                raise DataError(f"data handler {name!r} from {plugin}: kind must be one of "
+                                f"{', '.join(KINDS)}, got {kind!r}")
+            if name in self.handlers:
+                raise DataError(f"data handler {name!r} is registered by both "
+                                f"{self.handlers[name].plugin} and {plugin}")
+            self.handlers[name] = Handler(name, fn, kind, plugin)
+        return register
+
+    def get(self, name: str, where: str) -> Handler:
+        if name not in self.handlers:
+            raise DataError(f"{where}: unknown data handler {name!r}"
+                            f"{suggest(name, self.handlers)}; known: {', '.join(sorted(self.handlers))}")
+        return self.handlers[name]
+
+
+def collect(pm) -> Registry:
+    registry = Registry()
+    for impl in pm.hook.register_data_handlers.get_hookimpls():
+        impl.function(registry.register_for(impl.plugin_name))
+    return registry
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _column(batch: dict, name: str, what: str) -> list:
+    if name not in batch:
+        raise DataError(f"{what}: missing column {name!r} (columns: {', '.join(batch)})")
+    return batch[name]
+
+
+def _strings(values: list, name: str) -> list[str]:
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DataError(f"column {name!r}: record {i + 1} of this batch is "
+                            f"{type(v).__name__}, not a string")
+    return values
+
+
+_JINJA = None
+
+
+def jinja_env():
+    """A sandboxed Jinja environment where an undefined field is an error."""
+    global _JINJA
+    if _JINJA is None:
+        from jinja2 import StrictUndefined
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        _JINJA = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    return _JINJA
+
+
+def render_template(template: str, record: dict, where: str) -> str:
+    from jinja2 import TemplateError, UndefinedError
+
+    try:
+        return jinja_env().from_string(template).render(**record)
+    except UndefinedError as e:
+        raise DataError(f"{where}: template field missing: {e.message}") from None
+    except TemplateError as e:
+        raise DataError(f"{where}: template error: {e}") from None
+
+
+def _records(batch: dict) -> list[dict]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+# ------------------------------------------------------------ map handlers
+
+
+def tokenize_and_apply_input_masking(batch, tokenizer, max_seq_length, input_column_name="input",
+                                     output_column_name="output", add_eos_token=True, **_):
+    """``input`` masked, ``output`` (+EOS) trained; one space joins them unless one is there."""
+    inputs = _strings(_column(batch, input_column_name, "tokenize_and_apply_input_masking"),
+                      input_column_name)
+    outputs = _strings(_column(batch, output_column_name, "tokenize_and_apply_input_masking"),
+                       output_column_name)
+    segs = [[(i, False), (join(i, o) + o, True)] for i, o in zip(inputs, outputs)]
+    return encode(tokenizer, segs, max_seq_length, add_eos=add_eos_token)
+
+
+def tokenize(batch, tokenizer, max_seq_length, text_column_name="text", response_template=None,
+             add_eos_token=True, **_):
+    """Train on the whole text, or with ``response_template`` only on what follows it."""
+    texts = _strings(_column(batch, text_column_name, "tokenize"), text_column_name)
+    segs, missing = [], []
+    for i, text in enumerate(texts):
+        if not response_template:
+            segs.append([(text, True)])
+            continue
+        at = text.find(response_template)
+        if at < 0:
+            missing.append(i)
+            segs.append([(text, False)])
+            continue
+        cut = at + len(response_template)
+        segs.append([(text[:cut], False), (text[cut:], True)])
+    out = encode(tokenizer, segs, max_seq_length, add_eos=add_eos_token)
+    for i in missing:
+        out["status"][i] = "dropped: response_template not found"
+    return out
+
+
+def apply_custom_jinja_template(batch, template, formatted_text_column_name="formatted_text", **_):
+    """Render each record with a sandboxed Jinja template (undefined fields are errors)."""
+    return {formatted_text_column_name: [render_template(template, rec, f"record {rec!r:.60}")
+                                         for rec in _records(batch)]}
+
+
+def apply_tokenizer_chat_template(batch, tokenizer, conversation_column="messages",
+                                  formatted_text_column_name="formatted_chat_data",
+                                  chat_template=None, **_):
+    """Render conversations to text with the tokenizer's (or the given) chat template."""
+    convs = _column(batch, conversation_column, "apply_tokenizer_chat_template")
+    return {formatted_text_column_name: [
+        tokenizer.apply_chat_template(c, tokenize=False, chat_template=chat_template) for c in convs]}
+
+
+def chat_segments(tokenizer, messages: list[dict], chat_template=None) -> list[tuple[str, bool]]:
+    """Assistant turns (with their end-of-turn text) trained; everything else not.
+
+    Each assistant turn's text is the difference between the conversation
+    rendered up to it with a generation prompt and rendered including it.
+    """
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
+                                             chat_template=chat_template)
+
+    segs: list[tuple[str, bool]] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError(
+                f"the chat template renders turn {i + 1} inconsistently (earlier text changes when "
+                "a turn is added); use --instruction_template and --response_template instead")
+        segs += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    rest = render(messages, False)
+    if rest.startswith(done) and len(rest) > len(done):
+        segs.append((rest[len(done):], False))
+    return segs
+
+
+def template_segments(text: str, instruction_template: str | None,
+                      response_template: str) -> list[tuple[str, bool]]:
+    """Train from after each response_template up to the next instruction_template."""
+    segs: list[tuple[str, bool]] = []
+    pos = 0
+    while True:
+        at = text.find(response_template, pos)
+        if at < 0:
+            break
+        start = at + len(response_template)
+        end = text.find(instruction_template, start) if instruction_template else -1
+        end = len(text) if end < 0 else end
+        segs += [(text[pos:start], False), (text[start:end], True)]
+        pos = end
+    if pos < len(text):
+        segs.append((text[pos:], False))
+    return segs
+
+
+def tokenize_and_apply_chat_template_with_masking(
+        batch, tokenizer, max_seq_length, conversation_column="messages", chat_template=None,
+        instruction_template=None, response_template=None, **_):
+    """Chat data: only assistant turns (and their end-of-turn tokens) are trained."""
+    convs = _column(batch, conversation_column, "tokenize_and_apply_chat_template_with_masking")
+    segs, reasons = [], {}
+    for i, conv in enumerate(convs):
+        if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in conv):
+            raise DataError(f"column {conversation_column!r}: record {i + 1} of this batch is not "
+                            "a list of {role, content} messages")
+        if response_template:
+            text = tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template)
+            s = template_segments(text, instruction_template, response_template)
+            if not any(t for _, t in s):
+                reasons[i] = "dropped: response_template not found"
+        else:
+            s = chat_segments(tokenizer, conv, chat_template)
+            if not any(t for _, t in s):
+                reasons[i] = "dropped: no assistant turn"
+        segs.append(s or [("", False)])
+    out = encode(tokenizer, segs, max_seq_length, add_eos=False, add_special_tokens=False)
+    for i, reason in reasons.items():
+        out["status"][i] = reason
+    return out
+
+
+# -------------------------------------------------------- filters, columns
+
+
+def skip_samples_with_large_columns(batch, column_name, max_allowed_length, **_):
+    """Keep records whose column has at most ``max_allowed_length`` items/characters."""
+    return [v is None or len(v) <= max_allowed_length
+            for v in _column(batch, column_name, "skip_samples_with_large_columns")]
+
+
+def duplicate_columns(dataset, old_column, new_column, **_):
+    if old_column not in dataset.column_names:
+        raise DataError(f"duplicate_columns: missing column {old_column!r}")
+    return dataset.add_column(new_column, dataset[old_column])
+
+
+def rename_columns(dataset, column_mapping, **_):
+    return dataset.rename_columns(dict(column_mapping))
+
+
+def select_columns(dataset, column_names, **_):
+    return dataset.select_columns(list(column_names))
+
+
+def remove_columns(dataset, column_names, **_):
+    return dataset.remove_columns(list(column_names))
+
+
+BUILTIN = {
+    "tokenize_and_apply_input_masking": (tokenize_and_apply_input_masking, "map"),
+    "tokenize": (tokenize, "map"),
+    "apply_custom_jinja_template": (apply_custom_jinja_template, "map"),
+    "apply_custom_data_formatting_template": (apply_custom_jinja_template, "map"),
+    "apply_tokenizer_chat_template": (apply_tokenizer_chat_template, "map"),
+    "tokenize_and_apply_chat_template_with_masking":
+        (tokenize_and_apply_chat_template_with_masking, "map"),
+    "skip_samples_with_large_columns": (skip_samples_with_large_columns, "filter"),
+    "duplicate_columns": (duplicate_columns, "dataset"),
+    "rename_columns": (rename_columns, "dataset"),
+    "select_columns": (select_columns, "dataset"),
+    "remove_columns": (remove_columns, "dataset"),
+}

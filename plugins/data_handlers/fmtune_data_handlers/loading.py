@@ -1,0 +1,127 @@
+"""Turning ``training_data_path`` values into a ``datasets.Dataset``.
+
+Accepts JSON, JSONL, Parquet, Arrow and CSV files, folders of them, globs,
+several paths (a list, or comma-separated), and Hugging Face dataset ids
+(from the local cache; no download when ``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+from fmtune.config import ConfigError
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",
+            ".csv": "csv"}
+
+
+class DataError(ConfigError):
+    """Bad data: the message names the file, the record and the field."""
+
+
+def split_paths(paths: Any) -> list[str]:
+    if paths is None:
+        return []
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(",")]
+    return [str(p).strip() for p in paths if str(p).strip()]
+
+
+def expand(path: str) -> list[str]:
+    """Files behind a path, folder or glob (sorted); [] when none exist."""
+    if any(c in path for c in "*?["):
+        return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    if os.path.isdir(path):
+        found = []
+        for root, _, files in os.walk(path):
+            found += [os.path.join(root, f) for f in files if os.path.splitext(f)[1] in BUILDERS]
+        return sorted(found)
+    return [path] if os.path.isfile(path) else []
+
+
+def _json_error(path: str) -> str | None:
+    """The first malformed line of a JSON/JSONL file, as 'path:line: message'."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"{path}:{e.lineno}: invalid JSON: {e.msg}"
+        return None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return f"{path}:{lineno}: expected a JSON object"
+            except json.JSONDecodeError as e:
+                return f"{path}:{lineno}: invalid JSON: {e.msg}"
+    return None
+
+
+def load_files(files: list[str], builder: str | None = None, streaming: bool = False):
+    """One dataset from files of one format."""
+    from datasets import load_dataset
+
+    kinds = {builder or BUILDERS.get(os.path.splitext(f)[1]) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if os.path.splitext(f)[1] not in BUILDERS)
+        raise DataError(f"{bad}: unsupported file type (use {', '.join(sorted(BUILDERS))}, "
+                        "or give a builder in the data_config)")
+    if len(kinds) > 1:
+        raise DataError(f"{files[0]}: mixes file types {sorted(kinds)} in one dataset")
+    kind = kinds.pop()
+    if kind == "json":
+        for f in files:
+            err = _json_error(f)
+            if err:
+                raise DataError(err)
+    try:
+        ds = load_dataset(kind, data_files=files, split="train", streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types
+        raise DataError(f"{files[0]}: cannot be read as {kind}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not streaming and len(ds) == 0:
+        raise DataError(f"{', '.join(files)}: no records")
+    return ds
+
+
+def load_hub(name: str, streaming: bool = False):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, split="train", streaming=streaming)
+    except Exception as e:  # noqa: BLE001
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        why = ("not in the local cache and HF_HUB_OFFLINE is set" if offline
+               else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise DataError(f"{name}: no such file or folder, and not a loadable Hugging Face "
+                        f"dataset ({why})") from None
+
+
+def load_paths(paths: Any, builder: str | None = None, streaming: bool = False):
+    """One dataset from one or more paths/folders/globs/hub ids (concatenated)."""
+    from datasets import concatenate_datasets
+
+    parts = []
+    for path in split_paths(paths):
+        files = expand(path)
+        if files:
+            parts.append(load_files(files, builder, streaming))
+        elif any(c in path for c in "*?[") or path.startswith((".", "/", "~")) or \
+                os.path.splitext(path)[1] in BUILDERS:
+            raise DataError(f"{path}: no such file, folder or matching files")
+        else:
+            parts.append(load_hub(path, streaming))
+    if not parts:
+        raise DataError("no data path given")
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return concatenate_datasets(parts)
+    except ValueError as e:
+        raise DataError(f"{', '.join(split_paths(paths))}: cannot be combined (different "
+                        f"columns?): {e}") from None

@@ -1,0 +1,111 @@
+"""The ``data_handlers`` plugin: its options, checks and hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fmtune import hookimpl
+
+log = logging.getLogger("fmtune")
+
+
+@hookimpl
+def add_options(register):
+    register("data_config_path", str, None, "data_config YAML (fms-hf-tuning schema): datasets, "
+             "handlers, sampling, splits; replaces training_data_path.")
+    register("dataset_conversation_field", str, "messages", "Column holding chat messages.")
+    register("chat_template", str, None, "Jinja chat template (default: the tokenizer's).")
+    register("instruction_template", str, None, "Chat: text that starts a user turn (with "
+             "response_template: train from each response to the next instruction).")
+    register("add_special_tokens", list, None, "Tokens to add to the tokenizer (embeddings are "
+             "resized).")
+    register("padding_free", bool, False, "Batch examples back to back without padding; "
+             "position_ids restart per example so no example attends to another.")
+    register("packing", bool, False, "Pack examples into rows of max_seq_length (no attention "
+             "across examples, as with padding_free).")
+
+
+@hookimpl
+def validate_config(config, pm):
+    problems = []
+    if not (config.training_data_path or config.data_config_path):
+        problems.append("training_data_path or data_config_path is required")
+    if config.training_data_path and config.data_config_path:
+        problems.append("training_data_path and data_config_path are exclusive: the data_config "
+                        "lists the data files")
+    if config.dataset_text_field and config.data_formatter_template:
+        problems.append("dataset_text_field and data_formatter_template are exclusive: set one")
+    if config.data_config_path and not os.path.isfile(config.data_config_path):
+        problems.append(f"data_config_path: {config.data_config_path} not found")
+    elif config.data_config_path:
+        from .handlers import collect
+        from .loading import DataError
+        from .processing import read_data_config
+
+        try:
+            dc = read_data_config(config.data_config_path, collect(pm))
+            if dc.streaming and (config.max_steps or -1) <= 0:
+                problems.append(f"{config.data_config_path}: dataprocessor.streaming needs "
+                                "max_steps (a stream has no length)")
+        except DataError as e:
+            problems.append(str(e))
+    if config.eval_strategy != "no" and not (config.validation_data_path or config.data_config_path):
+        problems.append(f"eval_strategy={config.eval_strategy} needs validation data "
+                        "(validation_data_path, or a split in the data_config)")
+    return problems
+
+
+@hookimpl
+def register_data_handlers(register):
+    from .handlers import BUILTIN
+
+    for name, (fn, kind) in BUILTIN.items():
+        register(name, fn, kind)
+
+
+def add_tokens(config, tokenizer) -> None:
+    if config.add_special_tokens:
+        new = [t for t in config.add_special_tokens if t not in tokenizer.get_vocab()]
+        if new:
+            tokenizer.add_special_tokens({"additional_special_tokens": new},
+                                        replace_extra_special_tokens=False)
+            log.info("added %d special tokens: %s", len(new), ", ".join(new))
+
+
+def prepare(config, tokenizer, pm):
+    """Run the configured pipeline: returns a :class:`~.processing.Prepared`."""
+    from .handlers import collect
+    from .processing import prepare as run, read_data_config
+
+    if not tokenizer.is_fast:
+        from .loading import DataError
+
+        raise DataError("the data handlers need a fast tokenizer (tokenizer.json) for exact masks")
+    add_tokens(config, tokenizer)
+    registry = collect(pm)
+    dc = read_data_config(config.data_config_path, registry) if config.data_config_path else None
+    return run(config, tokenizer, registry, dc, config.validation_data_path)
+
+
+@hookimpl
+def prepare_data(config, tokenizer, pm):
+    prepared = prepare(config, tokenizer, pm)
+    for split, counts in prepared.counts.items():
+        if counts:
+            log.info("%s data: %s", split, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    train = prepared.train
+    if config.packing:
+        from .packing import pack
+
+        train = pack(train, config.max_seq_length)
+    return train, prepared.validation
+
+
+@hookimpl
+def build_collator(tokenizer, config):
+    if not (config.padding_free or config.packing):
+        return None
+    from .packing import FlatteningCollator
+
+    return FlatteningCollator()

@@ -1,0 +1,292 @@
+"""data_config YAML (fms-hf-tuning's schema) and the processing pipeline.
+
+Flags (``--training_data_path`` + ``--dataset_text_field`` ...) are turned into
+the same in-memory data config as a ``--data_config_path`` file, so both go
+through one pipeline: load -> handlers -> split -> interleave/concatenate ->
+count and drop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from fmtune.config import suggest
+
+from .handlers import Registry
+from .loading import DataError, load_paths
+
+log = logging.getLogger("fmtune")
+
+SCHEMA = {
+    "dataprocessor": {"type": str, "sampling_stopping_strategy": str, "seed": int,
+                      "streaming": bool, "chat_template": str},
+    "datasets": {"name": str, "data_paths": list, "builder": str, "sampling": float,
+                 "split": dict, "data_handlers": list},
+    "split": {"train": float, "validation": float},
+    "data_handlers": {"name": str, "arguments": dict},
+    "arguments": {"fn_kwargs": dict, "batched": bool, "remove_columns": (str, list),
+                  "batch_size": int, "num_proc": int},
+}
+STOPPING = ("all_exhausted", "first_exhausted")
+TOKEN_COLUMNS = ("input_ids", "labels", "attention_mask")
+
+
+@dataclass
+class Step:
+    name: str
+    fn_kwargs: dict[str, Any] = field(default_factory=dict)
+    batched: bool = True
+    remove_columns: Any = None
+    batch_size: int = 1000
+    num_proc: int | None = None
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    data_paths: list[str]
+    builder: str | None = None
+    sampling: float | None = None
+    split: dict[str, float] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetSpec]
+    seed: int = 42
+    streaming: bool = False
+    stopping: str = "all_exhausted"
+    chat_template: str | None = None
+    source: str = "flags"
+
+
+def _check(value: Any, schema_key: str, where: str, required: tuple[str, ...] = ()) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: must be a mapping")
+    schema = SCHEMA[schema_key]
+    for key, v in value.items():
+        if key not in schema:
+            raise DataError(f"{where}.{key}: unknown key{suggest(str(key), schema)}; "
+                            f"allowed: {', '.join(schema)}")
+        want = schema[key]
+        ok = isinstance(v, want) if not (want is float) else isinstance(v, (int, float)) \
+            and not isinstance(v, bool)
+        if not ok:
+            names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise DataError(f"{where}.{key}: must be {names}, got {v!r}")
+    for key in required:
+        if key not in value:
+            raise DataError(f"{where}.{key}: required")
+    return value
+
+
+def read_data_config(path: str, registry: Registry) -> DataConfig:
+    """Parse and validate a data_config file; errors name the file and the key path."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data_config file not found")
+    try:
+        raw = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: must be a mapping with dataprocessor and datasets")
+    for key in raw:
+        if key not in ("dataprocessor", "datasets"):
+            raise DataError(f"{path}: {key}: unknown key{suggest(str(key), ['dataprocessor', 'datasets'])}")
+    proc = _check(raw.get("dataprocessor") or {}, "dataprocessor", f"{path}: dataprocessor")
+    stopping = proc.get("sampling_stopping_strategy", "all_exhausted")
+    if stopping not in STOPPING:
+        raise DataError(f"{path}: dataprocessor.sampling_stopping_strategy: must be one of "
+                        f"{', '.join(STOPPING)}, got {stopping!r}")
+    if not isinstance(raw.get("datasets"), list) or not raw["datasets"]:
+        raise DataError(f"{path}: datasets: required, a non-empty list")
+    specs = []
+    base = os.path.dirname(os.path.abspath(path))
+    for i, d in enumerate(raw["datasets"]):
+        where = f"{path}: datasets[{i}]"
+        _check(d, "datasets", where, required=("name", "data_paths"))
+        split = _check(d.get("split") or {}, "split", f"{where}.split")
+        if split and not (0 < sum(split.values()) <= 1 + 1e-9):
+            raise DataError(f"{where}.split: train + validation must be in (0, 1], got {split}")
+        steps = []
+        for j, h in enumerate(d.get("data_handlers") or []):
+            hw = f"{where}.data_handlers[{j}]"
+            _check(h, "data_handlers", hw, required=("name",))
+            args = _check(h.get("arguments") or {}, "arguments", f"{hw}.arguments")
+            registry.get(h["name"], f"{hw}.name")
+            steps.append(Step(h["name"], dict(args.get("fn_kwargs") or {}),
+                              args.get("batched", True), args.get("remove_columns"),
+                              args.get("batch_size", 1000), args.get("num_proc")))
+        paths = [p if os.path.isabs(p) or os.path.exists(p) else
+                 (os.path.join(base, p) if os.path.exists(os.path.join(base, p)) else p)
+                 for p in d["data_paths"]]
+        specs.append(DatasetSpec(d["name"], paths, d.get("builder"), d.get("sampling"), split, steps))
+    ratios = [s.sampling for s in specs]
+    if any(r is not None for r in ratios):
+        if any(r is None for r in ratios):
+            raise DataError(f"{path}: datasets: give sampling to every dataset or to none")
+        if abs(sum(ratios) - 1) > 1e-6:
+            raise DataError(f"{path}: datasets: sampling ratios must sum to 1, got "
+                            f"{' + '.join(map(str, ratios))} = {sum(ratios):g}")
+    return DataConfig(specs, proc.get("seed", 42), proc.get("streaming", False), stopping,
+                      proc.get("chat_template"), path)
+
+
+def steps_from_flags(config, columns: list[str]) -> list[Step]:
+    """The handler steps fms-hf-tuning's flags imply for data with these columns."""
+    kw = {}
+    if config.data_formatter_template:
+        return [Step("apply_custom_jinja_template", {"template": config.data_formatter_template,
+                                                     "formatted_text_column_name": "formatted_text"}),
+                Step("tokenize", {"text_column_name": "formatted_text",
+                                  "response_template": config.response_template},
+                     remove_columns="all")]
+    if config.dataset_text_field:
+        return [Step("tokenize", {"text_column_name": config.dataset_text_field,
+                                  "response_template": config.response_template},
+                     remove_columns="all")]
+    if "input_ids" in columns:
+        return []
+    conv = config.dataset_conversation_field
+    if conv in columns:
+        kw = {"conversation_column": conv, "instruction_template": config.instruction_template,
+              "response_template": config.response_template}
+        return [Step("tokenize_and_apply_chat_template_with_masking", kw, remove_columns="all")]
+    if "input" in columns and "output" in columns:
+        return [Step("tokenize_and_apply_input_masking", {}, remove_columns="all")]
+    raise DataError(
+        f"cannot tell the data format from columns {columns}: expected input/output, "
+        f"{conv!r} (chat), or input_ids; or set --dataset_text_field / --data_formatter_template")
+
+
+@dataclass
+class Prepared:
+    train: Any
+    validation: Any
+    counts: dict[str, dict[str, int]]
+
+
+def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_template, where: str):
+    handler = registry.get(step.name, where)
+    kwargs = dict(step.fn_kwargs)
+    if handler.accepts("tokenizer"):
+        kwargs.setdefault("tokenizer", tokenizer)
+    if handler.accepts("max_seq_length"):
+        kwargs.setdefault("max_seq_length", config.max_seq_length)
+    if chat_template and handler.accepts("chat_template"):
+        kwargs.setdefault("chat_template", chat_template)
+    if handler.kind == "dataset":
+        return handler.fn(ds, **kwargs)
+    if handler.kind == "filter":
+        return ds.filter(handler.fn, fn_kwargs=kwargs, batched=step.batched,
+                         batch_size=step.batch_size, **_proc(ds, step))
+    remove = step.remove_columns
+    if remove == "all":
+        remove = list(ds.column_names or [])
+    return ds.map(handler.fn, fn_kwargs=kwargs, batched=step.batched, batch_size=step.batch_size,
+                  remove_columns=remove, **_proc(ds, step))
+
+
+def _proc(ds, step: Step) -> dict:
+    from datasets import Dataset
+
+    extra = {}
+    if isinstance(ds, Dataset):
+        extra["desc"] = step.name
+        if step.num_proc:
+            extra["num_proc"] = step.num_proc
+    return extra
+
+
+def _finish(ds, name: str, counts: dict[str, int], streaming: bool):
+    """Count statuses, drop dropped rows, keep only the token columns."""
+    cols = list(ds.column_names or [])
+    if "input_ids" not in cols:
+        raise DataError(f"{name}: after the data handlers there is no input_ids column "
+                        f"(columns: {cols}); add a tokenizing handler")
+    if "labels" not in cols:
+        ds = ds.map(lambda b: {"labels": [list(x) for x in b["input_ids"]]}, batched=True)
+    elif "status" not in cols:  # pretokenized: a record without labels trains on everything
+        ds = ds.map(lambda b: {"labels": [list(i) if lab is None else lab
+                                          for i, lab in zip(b["input_ids"], b["labels"])]},
+                    batched=True)
+    if "status" in cols:
+        if not streaming:
+            for status, n in collections.Counter(ds["status"]).items():
+                counts[status] = counts.get(status, 0) + n
+            if any(s.startswith("dropped") for s in counts):
+                ds = ds.filter(lambda b: [not s.startswith("dropped") for s in b["status"]],
+                               batched=True)
+        else:
+            ds = ds.filter(lambda r: not r["status"].startswith("dropped"))
+    else:
+        counts["ok"] = counts.get("ok", 0) + (0 if streaming else len(ds))
+    keep = [c for c in TOKEN_COLUMNS if c in (ds.column_names or TOKEN_COLUMNS)]
+    return ds.select_columns(keep)
+
+
+def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
+            validation_paths: Any = None) -> Prepared:
+    """Run the whole pipeline; returns train/validation datasets and status counts."""
+    from datasets import concatenate_datasets, interleave_datasets
+
+    if dc is None:
+        dc = DataConfig([DatasetSpec("training_data", [config.training_data_path])],
+                        seed=config.seed, chat_template=config.chat_template)
+    chat_template = config.chat_template or dc.chat_template
+    trains, valids, counts = [], [], {"train": {}, "validation": {}}
+
+    def run_steps(spec: DatasetSpec, paths):
+        ds = load_paths(paths, spec.builder, dc.streaming)
+        steps = spec.steps if dc.source != "flags" else steps_from_flags(
+            config, list(ds.column_names or []))
+        for k, step in enumerate(steps):
+            ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
+                            f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]")
+        return ds
+
+    for spec in dc.datasets:
+        ds = run_steps(spec, spec.data_paths)
+        if spec.split.get("validation"):
+            if dc.streaming:
+                raise DataError(f"{dc.source}: datasets[{spec.name}].split: needs streaming: false")
+            parts = ds.train_test_split(test_size=spec.split["validation"], seed=dc.seed)
+            ds, val = parts["train"], parts["test"]
+            frac = spec.split.get("train", 1 - spec.split["validation"])
+            keep = round(len(ds) * frac / (1 - spec.split["validation"]))
+            ds = ds.select(range(min(len(ds), keep)))
+            valids.append(_finish(val, spec.name, counts["validation"], False))
+        trains.append(_finish(ds, spec.name, counts["train"], dc.streaming))
+
+    if validation_paths:
+        spec = DatasetSpec("validation_data", [validation_paths])
+        valids.append(_finish(run_steps(spec, spec.data_paths), "validation_data",
+                              counts["validation"], dc.streaming))
+
+    ratios = [s.sampling for s in dc.datasets]
+    if len(trains) == 1:
+        train = trains[0]
+    elif ratios[0] is not None:
+        train = interleave_datasets(trains, probabilities=ratios, seed=dc.seed,
+                                    stopping_strategy=dc.stopping)
+    else:
+        train = concatenate_datasets(trains)
+    validation = concatenate_datasets(valids) if len(valids) > 1 else (valids[0] if valids else None)
+    if not dc.streaming and len(train) == 0:
+        reasons = "; ".join(f"{n} {s}" for s, n in counts["train"].items())
+        raise DataError(f"{dc.source}: no usable training examples ({reasons})")
+    for split, c in counts.items():
+        dropped = {s: n for s, n in c.items() if s.startswith("dropped")}
+        for status, n in dropped.items():
+            log.warning("%s data: %d examples %s", split, n, status)
+        if c.get("truncated"):
+            log.warning("%s data: %d examples truncated to max_seq_length=%d", split,
+                        c["truncated"], config.max_seq_length)
+    return Prepared(train, validation, counts)
