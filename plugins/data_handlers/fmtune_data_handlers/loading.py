@@ -52,6 +52,8 @@ def _json_error(path: str) -> str | None:
         except json.JSONDecodeError as e:
             return f"{path}:{e.lineno}: invalid JSON: {e.msg}"
         return None
+    if not text.strip():
+        return f"{path}: no records"
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
@@ -74,6 +76,9 @@ def load_files(files: list[str], builder: str | None = None, streaming: bool = F
     if len(kinds) > 1:
         raise DataError(f"{files[0]}: mixes file types {sorted(kinds)} in one dataset")
     kind = kinds.pop()
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DataError(f"{f}: no records")
     if kind == "json":
         for f in files:
             err = _json_error(f)

@@ -19,7 +19,7 @@ import yaml
 from fmtune.config import suggest
 
 from .handlers import Registry
-from .loading import DataError, load_paths
+from .loading import DataError, load_paths, split_paths
 
 log = logging.getLogger("fmtune")
 
@@ -208,6 +208,8 @@ def _proc(ds, step: Step) -> dict:
 def _finish(ds, name: str, counts: dict[str, int], streaming: bool):
     """Count statuses, drop dropped rows, keep only the token columns."""
     cols = list(ds.column_names or [])
+    if not cols and streaming:  # a stream may not know its columns before the first row
+        cols = list(next(iter(ds.take(1)), {}).keys())
     if "input_ids" not in cols:
         raise DataError(f"{name}: after the data handlers there is no input_ids column "
                         f"(columns: {cols}); add a tokenizing handler")
@@ -238,7 +240,7 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
     from datasets import concatenate_datasets, interleave_datasets
 
     if dc is None:
-        dc = DataConfig([DatasetSpec("training_data", [config.training_data_path])],
+        dc = DataConfig([DatasetSpec("training_data", split_paths(config.training_data_path))],
                         seed=config.seed, chat_template=config.chat_template)
     chat_template = config.chat_template or dc.chat_template
     trains, valids, counts = [], [], {"train": {}, "validation": {}}
@@ -266,7 +268,7 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         trains.append(_finish(ds, spec.name, counts["train"], dc.streaming))
 
     if validation_paths:
-        spec = DatasetSpec("validation_data", [validation_paths])
+        spec = DatasetSpec("validation_data", split_paths(validation_paths))
         valids.append(_finish(run_steps(spec, spec.data_paths), "validation_data",
                               counts["validation"], dc.streaming))
 
