@@ -1,7 +1,7 @@
 """Padding-free batches and packing, with no attention across examples.
 
 Both hand the model one flat row per batch with ``position_ids`` that restart
-at 0 for every example and no ``attention_mask``: transformers then builds a
+at 0 for every example, no ``attention_mask`` and no KV cache: transformers then builds a
 block-diagonal causal mask (eager/sdpa) or uses varlen kernels
 (flash_attention_2), so an example never attends to another. The label of
 each example's first token is -100, so no token is trained to predict the
@@ -56,5 +56,7 @@ class FlatteningCollator:
             ids += list(row["input_ids"])
             labels += lab
             positions += pos
+        # use_cache=False: with a KV cache, transformers does not derive the per-example
+        # (block-diagonal) mask from position_ids, and examples would attend to each other.
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
+                "position_ids": torch.tensor([positions]), "use_cache": False}
