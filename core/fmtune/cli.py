@@ -256,11 +256,29 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ plot
+
+
+def cmd_plot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fmtune plot",
+        description="Redraw OUTPUT_DIR/loss.png from OUTPUT_DIR/training_logs.jsonl: training "
+                    "and validation loss against step, and the learning rate on a second axis "
+                    "when the latest checkpoint's trainer_state.json has it.")
+    parser.add_argument("output_dir", help="the output_dir of a training run")
+    parser.add_argument("--output", help="where to write the PNG (default: OUTPUT_DIR/loss.png)")
+    args = parser.parse_args(argv)
+    from .plots import plot_loss
+
+    print(plot_loss(args.output_dir, path=args.output).describe())
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 
 COMMANDS = {"train": cmd_train, "plugins": cmd_plugins, "generate": cmd_generate,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate, "plot": cmd_plot}
 COMMAND_GROUP = "fmtune.commands"
 
 

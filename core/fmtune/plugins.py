@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "fmtune.default_plugins.data",
     "fmtune.default_plugins.training",
     "fmtune.default_plugins.logs",
+    "fmtune.default_plugins.plots",
 )
 
 

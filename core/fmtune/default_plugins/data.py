@@ -97,7 +97,8 @@ def render(template: str, path: str, rec: dict, index: int) -> str:
 
 def join(prompt: str, completion: str) -> str:
     """The separator fms-hf-tuning puts between input and output: one space if neither has one."""
-    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+    if prompt and completion and not prompt.endswith((" ", "\n", "\t")) \
+            and not completion.startswith((" ", "\n", "\t")):
         return " "
     return ""
 

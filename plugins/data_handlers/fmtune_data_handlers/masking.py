@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fmtune.default_plugins.data import join  # noqa: F401 - the core's separator rule
+
 IGNORE = -100
 Segments = list[tuple[str, bool]]
 
@@ -39,6 +41,36 @@ def _by_segment(tokenizer, segs: Segments, prefix: list[int], suffix: list[int])
     return ids + suffix, labels + [IGNORE] * len(suffix)
 
 
+def _label(enc, n_chars: int, spans: list[tuple[int, int, bool]]) -> list[int] | None:
+    """Labels from character spans via the encoding's char->token map (no per-token Python
+    loop); None when a token crosses a span boundary."""
+    ids = enc.ids
+    last = n_chars - 1
+    while last >= 0 and enc.char_to_token(last) is None:
+        last -= 1
+    end_tok = enc.char_to_token(last) + 1 if last >= 0 else 0
+
+    def first_token_from(c: int) -> int:
+        while c < n_chars:
+            t = enc.char_to_token(c)
+            if t is not None:
+                return t
+            c += 1
+        return end_tok
+
+    for s, _, _ in spans[1:]:
+        if 0 < s < n_chars:
+            before = enc.char_to_token(s - 1)
+            if before is not None and before == enc.char_to_token(s):
+                return None
+    labels = [IGNORE] * len(ids)
+    for s, e, trained in spans:
+        if trained and e > s:
+            a, z = first_token_from(s), first_token_from(e)
+            labels[a:z] = ids[a:z]
+    return labels
+
+
 def encode(tokenizer, examples: list[Segments], max_length: int, add_eos: bool = True,
            add_special_tokens: bool = True) -> dict[str, list[Any]]:
     """Tokenize segmented examples into input_ids/labels/attention_mask/status columns."""
@@ -47,32 +79,27 @@ def encode(tokenizer, examples: list[Segments], max_length: int, add_eos: bool =
         return out
     prefix, suffix = _specials(tokenizer) if add_special_tokens else ([], [])
     texts = ["".join(t for t, _ in segs) for segs in examples]
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    # The Rust tokenizer directly: ids and offsets without per-token Python conversion.
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
     eos = tokenizer.eos_token_id
-    for segs, ids, offsets in zip(examples, enc["input_ids"], enc["offset_mapping"]):
+    for segs, enc in zip(examples, encodings):
         spans, pos = [], 0
         for text, trained in segs:
             spans.append((pos, pos + len(text), trained))
             pos += len(text)
-        bounds = {s for s, _, _ in spans[1:]}
-        crosses = any(a < b < z for a, z in offsets for b in bounds)
-        if crosses:
+        ids = enc.ids
+        labels = _label(enc, pos, spans)
+        if labels is None:  # a token spans a boundary: tokenize segment by segment
             ids, labels = _by_segment(tokenizer, segs, prefix, suffix)
-        else:
-            labels = []
-            for tid, (a, z) in zip(ids, offsets):
-                trained = z > a and any(t and s <= a and z <= e for s, e, t in spans)
-                labels.append(tid if trained else IGNORE)
-        ids = list(ids)
         completion = any(t and text for text, t in segs)
         if add_eos and eos is not None and completion and (not ids or ids[-1] != eos):
-            ids.append(eos)
+            ids = ids + [eos]
             labels.append(eos)
         status = "ok"
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
             status = "truncated"
-        if not any(label != IGNORE for label in labels):
+        if all(label == IGNORE for label in labels):
             status = ("dropped: no trained token left after truncation to max_seq_length"
                       if status == "truncated" else "dropped: nothing to train on")
         out["input_ids"].append(ids)
@@ -80,10 +107,3 @@ def encode(tokenizer, examples: list[Segments], max_length: int, add_eos: bool =
         out["attention_mask"].append([1] * len(ids))
         out["status"].append(status)
     return out
-
-
-def join(prompt: str, completion: str) -> str:
-    """fms-hf-tuning's separator between input and output: a space unless one is there."""
-    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
-        return " "
-    return ""

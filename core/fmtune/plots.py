@@ -1,0 +1,153 @@
+"""The loss plot: training and validation loss against step, learning rate on a second axis.
+
+``plot_loss(output_dir)`` draws ``OUTPUT_DIR/loss.png`` from
+``training_logs.jsonl`` (written by every run) and, when it is given or can be
+found, the learning-rate history: ``plot_loss`` looks for it in the latest
+``checkpoint-N/trainer_state.json``; the end-of-run plugin passes the
+trainer's own, complete history. Without a learning rate there is no second
+axis. matplotlib is imported inside the functions (Agg backend, no display
+needed), so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from .config import ConfigError
+
+PLOT_FILE = "loss.png"
+LOGS_FILE = "training_logs.jsonl"
+FIGSIZE = (8.0, 5.0)  # inches
+DPI = 100  # so loss.png is 800 x 500 pixels
+TRAIN_COLOR, EVAL_COLOR, LR_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c"  # blue, orange, green
+
+Points = list[tuple[int, float]]
+
+
+@dataclass
+class LossPlot:
+    """What was drawn, and where."""
+
+    path: str
+    train: Points = field(default_factory=list)
+    eval: Points = field(default_factory=list)
+    learning_rate: Points = field(default_factory=list)
+    learning_rate_from: str | None = None
+
+    def describe(self) -> str:
+        lr = (f", learning rate from {self.learning_rate_from}" if self.learning_rate
+              else ", no learning rate")
+        return (f"{self.path}: {len(self.train)} training and {len(self.eval)} validation loss "
+                f"points{lr}")
+
+
+def read_losses(output_dir: str) -> tuple[Points, Points]:
+    """(training, validation) loss points ``(step, value)`` from ``training_logs.jsonl``."""
+    path = os.path.join(output_dir, LOGS_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: not found (is {output_dir} the output_dir of an fmtune run?)")
+    train: Points = []
+    evals: Points = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                name, data = record["name"], record["data"]
+                point = (int(data["step"]), float(data["value"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{path}:{lineno}: not a training log record "
+                                  f"({type(e).__name__}: {e})") from None
+            if name == "training_loss":
+                train.append(point)
+            elif name == "validation_loss":
+                evals.append(point)
+    return train, evals
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The ``checkpoint-N`` folder with the largest N, or None."""
+    best, best_step = None, -1
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            m = re.fullmatch(r"checkpoint-(\d+)", name)
+            full = os.path.join(output_dir, name)
+            if m and os.path.isdir(full) and int(m.group(1)) > best_step:
+                best, best_step = full, int(m.group(1))
+    return best
+
+
+def learning_rates(log_history: list[dict]) -> Points:
+    """``(step, learning_rate)`` points of a trainer's ``log_history``."""
+    return [(int(h["step"]), float(h["learning_rate"])) for h in log_history
+            if "learning_rate" in h and "step" in h]
+
+
+def checkpoint_learning_rates(output_dir: str) -> tuple[Points, str | None]:
+    """Learning rates from the latest checkpoint's ``trainer_state.json``, and that file."""
+    ckpt = latest_checkpoint(output_dir)
+    path = os.path.join(ckpt, "trainer_state.json") if ckpt else None
+    if not path or not os.path.isfile(path):
+        return [], None
+    try:
+        with open(path, encoding="utf-8") as f:
+            history = json.load(f).get("log_history", [])
+        return learning_rates(history), path
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return [], None
+
+
+def plot_loss(output_dir: str, path: str | None = None, lr: Points | None = None,
+              lr_from: str | None = None, title: str | None = None) -> LossPlot:
+    """Draw the loss plot of the run in ``output_dir`` to ``path`` (default ``loss.png`` there).
+
+    ``lr``: learning-rate points to draw; ``None`` reads them from the latest checkpoint.
+    Raises :class:`ConfigError` when there is no training log or no loss to draw.
+    """
+    train, evals = read_losses(output_dir)
+    if not train and not evals:
+        raise ConfigError(f"{os.path.join(output_dir, LOGS_FILE)}: no loss logged yet, "
+                          "nothing to plot")
+    if lr is None:
+        lr, lr_from = checkpoint_learning_rates(output_dir)
+    plot = LossPlot(path or os.path.join(output_dir, PLOT_FILE), train, evals, list(lr),
+                    lr_from if lr else None)
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    # The object API, not pyplot: no global figure state, no GUI backend, thread-safe.
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    handles = []
+    if train:
+        handles += ax.plot(*zip(*train), color=TRAIN_COLOR, marker="o" if len(train) <= 50 else None,
+                           markersize=3, linewidth=1.5, label="training loss")
+    if evals:
+        handles += ax.plot(*zip(*evals), color=EVAL_COLOR, marker="s", markersize=4,
+                           linewidth=1.5, label="validation loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    if plot.learning_rate:
+        ax2 = ax.twinx()
+        handles += ax2.plot(*zip(*plot.learning_rate), color=LR_COLOR, linestyle="--",
+                            linewidth=1.2, label="learning rate")
+        ax2.set_ylabel("learning rate", color=LR_COLOR)
+        ax2.tick_params(axis="y", colors=LR_COLOR)
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax2.set_ylim(bottom=0)
+    ax.legend(handles=handles, loc="upper right", fontsize="small")
+    ax.set_title(title or f"fmtune: {os.path.basename(os.path.abspath(output_dir))}")
+    fig.tight_layout()
+    tmp = plot.path + ".tmp.png"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, plot.path)
+    return plot
