@@ -83,6 +83,7 @@ def test_full_finetune_writes_everything(fmtune_tiny_model, data, tmp_path):
     assert summary["tokens_per_second"] > 0 and summary["peak_rss_mb"] > 0
     assert summary["plugins"] == {} and summary["resumed_from"] is None
     assert "done in" in res.stdout and str(final) in res.stdout
+    assert f"fmtune: {data}: 8 examples" in res.stderr  # log lines reach the caller's stderr
 
 
 class Recorder:

@@ -28,9 +28,10 @@ CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save",
 SUMMARY_FILE = "run_summary.json"
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
-    """The live run handed to the ``on_*`` hooks."""
+    """The live run handed to the ``on_*`` hooks (hashable by identity: plugins may key
+    per-run state by it)."""
 
     config: Config
     pm: pluggy.PluginManager

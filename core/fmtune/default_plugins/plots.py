@@ -9,6 +9,7 @@ inside the hook.
 from __future__ import annotations
 
 import logging
+import os
 
 from fmtune import hookimpl
 
@@ -31,4 +32,4 @@ def on_train_end(run, summary):
     except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training
         log.warning("loss plot failed: %s: %s", type(e).__name__, e)
         return
-    summary["loss_plot"] = plot.path
+    summary["loss_plot"] = os.path.abspath(plot.path)
