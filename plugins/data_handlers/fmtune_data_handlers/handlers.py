@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fmtune.config import suggest
+from fmtune.default_plugins.data import join  # the core's (fms-hf-tuning's) separator rule
 
 from .loading import DataError
-from .masking import encode, join
+from .masking import encode
 
 KINDS = ("map", "filter", "dataset")
 

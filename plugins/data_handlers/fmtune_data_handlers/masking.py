@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fmtune.default_plugins.data import join  # noqa: F401 - the core's separator rule
-
 IGNORE = -100
 Segments = list[tuple[str, bool]]
 
