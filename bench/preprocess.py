@@ -44,9 +44,9 @@ def ensure_fms() -> Path:
     return py
 
 
-def timed(cmd: list[str], env: dict | None = None) -> float:
+def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> float:
     t = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if out.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     return time.perf_counter() - t
@@ -94,8 +94,9 @@ def main() -> None:
         times = {"fms-hf-tuning": [], "fmtune": []}
         for k in range(args.repeats):
             env["HF_DATASETS_CACHE"] = str(d / f"cache{k}")  # no reuse of cached map results
-            times["fms-hf-tuning"].append(timed(fms_cmd, env))
-            times["fmtune"].append(timed(fmt_cmd, env))
+            # fms-hf-tuning writes error.log into its working directory: keep it in the temp dir
+            times["fms-hf-tuning"].append(timed(fms_cmd, env, cwd=d))
+            times["fmtune"].append(timed(fmt_cmd, env, cwd=d))
         fms_rows = read_rows(d / "fms" / "train_dataset")
         fmt_rows = read_rows(d / "fmtune" / "train_dataset")
     same_ids = sum(a["input_ids"] == b["input_ids"] for a, b in zip(fms_rows, fmt_rows))
