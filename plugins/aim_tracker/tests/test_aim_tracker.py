@@ -1,0 +1,254 @@
+"""The aim plugin end to end: train a tiny model, read the run back with aim's own SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+import pytest
+
+from fmtune import hookimpl
+from fmtune.testing import run_cli, write_jsonl
+
+RECORDS = [
+    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
+    {"input": "question: what is two plus two? answer:", "output": "four"},
+    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
+    {"input": "hello there", "output": "hi, how can I help?"},
+]
+
+
+def train_args(model, tmp_path, out, *extra):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    return ["train", "--plugins", "aim", "--model_name_or_path", model,
+            "--training_data_path", data, "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--save_strategy", "no", *extra]
+
+
+def jsonl_series(out, name):
+    """(steps, values, epochs) of one series of training_logs.jsonl."""
+    with open(os.path.join(out, "training_logs.jsonl")) as f:
+        rows = [json.loads(line)["data"] for line in f if json.loads(line)["name"] == name]
+    return [r["step"] for r in rows], [r["value"] for r in rows], [r["epoch"] for r in rows]
+
+
+def aim_series(aim_run, name, subset):
+    """(steps, values, epochs) of one metric of an aim run, in step order."""
+    for metric in aim_run.metrics():
+        if metric.name == name and metric.context.to_dict() == {"subset": subset}:
+            steps, (values, epochs, _timestamps) = metric.data.items_list()
+            return list(steps), list(values), list(epochs)
+    raise AssertionError(f"aim run has no metric {name!r} in subset {subset!r}")
+
+
+def test_params_and_metrics_read_back_with_aim_sdk(fmtune_tiny_model, tmp_path):
+    from aim import Repo
+
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    valid = write_jsonl(tmp_path / "valid.jsonl", RECORDS[:2])
+    res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "6",
+                             "--aim_repo", str(repo_dir), "--experiment", "tiny-exp",
+                             "--validation_data_path", valid, "--eval_strategy", "steps",
+                             "--eval_steps", "3"))
+    assert res.exit_code == 0, res.stderr
+    state = json.loads((out / "aim_tracker.json").read_text())
+    assert state["repo"] == str(repo_dir) and state["experiment"] == "tiny-exp"
+
+    # No manual indexing: the plugin leaves the finished run visible to aim.Repo.
+    aim_run = Repo(str(repo_dir)).get_run(state["run_hash"])
+    assert aim_run is not None and aim_run.experiment == "tiny-exp"
+    hparams = aim_run["hparams"]
+    assert hparams["learning_rate"] == 1e-3 and hparams["max_steps"] == 6
+    assert hparams["aim_repo"] == str(repo_dir) and hparams["output_dir"] == str(out)
+    assert hparams["model_name_or_path"] == fmtune_tiny_model
+    assert aim_run["fmtune"]["plugins"] == {"aim": metadata.version("fmtune-aim")}
+    assert aim_run["fmtune"]["version"] == metadata.version("fmtune")
+
+    # train and eval loss: one point per logged step, values equal to training_logs.jsonl
+    steps, train_losses, epochs = jsonl_series(out, "training_loss")
+    assert steps == [1, 2, 3, 4, 5, 6]
+    a_steps, a_values, a_epochs = aim_series(aim_run, "loss", "train")
+    assert a_steps == steps and a_values == train_losses
+    assert a_epochs == pytest.approx(epochs, abs=1e-4)  # the jsonl rounds epochs to 4 places
+    eval_steps, eval_losses, _ = jsonl_series(out, "validation_loss")
+    assert eval_steps == [3, 6]
+    assert aim_series(aim_run, "loss", "eval")[:2] == (eval_steps, eval_losses)
+    # the trainer's other numbers: same steps, and the learning rate equals its own history
+    with open(out / "run_summary.json") as f:
+        summary = json.load(f)
+    for name in ("learning_rate", "grad_norm", "train_tokens_per_second", "num_input_tokens_seen"):
+        assert aim_series(aim_run, name, "train")[0] == [1, 2, 3, 4, 5, 6], name
+    lrs = aim_series(aim_run, "learning_rate", "train")[1]
+    assert lrs == pytest.approx([1e-3 * (6 - s) / 6 for s in range(6)])  # linear decay from 1e-3
+    tokens = aim_series(aim_run, "num_input_tokens_seen", "train")[1]
+    assert tokens[-1] == summary["train_tokens"]
+    # system metrics (aim samples them at start, then every 10 s) and the run summary
+    assert any(m.name.startswith("__system__") for m in aim_run.metrics())
+    assert aim_run["run_summary"]["global_step"] == 6
+    assert aim_run["run_summary"]["final_loss"] == train_losses[-1]
+    assert summary["aim_run_hash"] == state["run_hash"] and summary["aim_repo"] == str(repo_dir)
+
+
+READ_BACK = """
+import json, sys
+from aim import Repo
+run = Repo(sys.argv[1]).get_run(sys.argv[2])
+for m in run.metrics():
+    if m.name == "loss" and m.context.to_dict() == {"subset": "train"}:
+        steps, (values, _, _) = m.data.items_list()
+        print(json.dumps([list(steps), list(values)]))
+"""
+
+
+def test_resumed_run_continues_the_same_aim_run(fmtune_tiny_model, tmp_path):
+    from aim import Repo
+
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    args = train_args(fmtune_tiny_model, tmp_path, out, "--aim_repo", str(repo_dir),
+                      "--save_strategy", "steps", "--save_steps", "2")
+    res = run_cli([*args, "--max_steps", "4"])
+    assert res.exit_code == 0, res.stderr
+    first = json.loads((out / "aim_tracker.json").read_text())["run_hash"]
+    assert aim_series(Repo(str(repo_dir)).get_run(first), "loss", "train")[0] == [1, 2, 3, 4]
+    # as if the run had died after step 4 but before its last checkpoint: steps 3-4 are redone
+    shutil.rmtree(out / "checkpoint-4")
+    res = run_cli([*args, "--max_steps", "6"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((out / "run_summary.json").read_text())["resumed_from"] == \
+        str(out / "checkpoint-2")
+    assert json.loads((out / "aim_tracker.json").read_text())["run_hash"] == first
+    repo = Repo(str(repo_dir))
+    assert [r.hash for r in repo.iter_runs()] == [first]  # no second aim run
+    steps, values, _ = jsonl_series(out, "training_loss")
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # more points, redone steps replaced, and still equal to training_logs.jsonl
+    assert aim_series(repo.get_run(first), "loss", "train")[:2] == (steps, values)
+    # a fresh process (as `aim up` or a notebook would) reads the same, uncorrupted series
+    read = subprocess.run([sys.executable, "-c", READ_BACK, str(repo_dir), first],
+                          capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr
+    assert json.loads(read.stdout) == [steps, values]
+
+    # starting over (resume_from_checkpoint=false) opens a new aim run
+    res = run_cli([*args, "--max_steps", "2", "--resume_from_checkpoint", "false"])
+    assert res.exit_code == 0, res.stderr
+    second = json.loads((out / "aim_tracker.json").read_text())["run_hash"]
+    assert second != first
+    assert aim_series(Repo(str(repo_dir)).get_run(second), "loss", "train")[0] == [1, 2]
+
+
+def test_only_the_main_process_tracks(fmtune_tiny_model, tmp_path):
+    class NotRankZero:
+        """Makes this process look like rank 1 of a multi-process run."""
+
+        @hookimpl(wrapper=True)
+        def build_trainer(self):
+            trainer = yield
+            trainer.is_world_process_zero = lambda: False
+            return trainer
+
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "2",
+                             "--aim_repo", str(repo_dir)), plugins=[NotRankZero()])
+    assert res.exit_code == 0, res.stderr
+    assert not (out / "aim_tracker.json").exists()
+    assert not (repo_dir / ".aim").exists()  # no aim run was opened at all
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--aim_repo", "{file}"], "aim_repo {file}: exists and is not a folder"),
+    (["--aim_repo", "{file}/sub/repo"], "aim_repo {file}/sub/repo: cannot create it, {file} is a file"),
+    (["--aim_remote_server_ip", "127.0.0.1", "--aim_remote_server_port", "{port}"],
+     "cannot reach an aim server at 127.0.0.1:{port} (Connection refused)"),
+    (["--aim_remote_server_ip", "127.0.0.1"],
+     "aim_remote_server_ip and aim_remote_server_port go together: set both"),
+    (["--aim_system_tracking_interval", "0.01"], "aim_system_tracking_interval must be 0 (off)"),
+])
+def test_bad_repo_or_server_fails_before_training(tmp_path, flags, message):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    fill = {"file": str(a_file), "port": free_port()}
+    flags = [f.format(**fill) for f in flags]
+    out = tmp_path / "out"
+    res = run_cli(train_args("no-model-needed", tmp_path, out, "--max_steps", "1", *flags))
+    assert res.exit_code == 2
+    assert message.format(**fill) in res.stderr
+    assert not out.exists()  # failed before anything was loaded or written
+
+
+@pytest.fixture
+def aim_server(tmp_path):
+    """A real `aim server` on a free local port, serving a fresh repository."""
+    repo_dir = tmp_path / "server_repo"
+    repo_dir.mkdir()
+    port = free_port()
+    aim_cli = os.path.join(os.path.dirname(sys.executable), "aim")
+    server = subprocess.Popen([aim_cli, "server", "--repo", str(repo_dir), "--host", "127.0.0.1",
+                               "--port", str(port)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                              start_new_session=True)  # its own group: uvicorn children die too
+    server.stdin.write("y\n")  # "not a valid Aim repository. Do you want to initialize it?"
+    server.stdin.close()
+    try:
+        for _ in range(600):
+            if server.poll() is not None:
+                raise RuntimeError(f"aim server exited with {server.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("aim server did not start in 60 s")
+        yield repo_dir, port
+    finally:
+        # `aim server` runs uvicorn in a child process that outlives a plain terminate()
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        for _ in range(100):  # the group is gone once no member is left
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_remote_server_receives_the_run(fmtune_tiny_model, tmp_path, aim_server):
+    from aim import Repo
+    from aim.sdk.index_manager import RepoIndexManager
+
+    repo_dir, port = aim_server
+    out = tmp_path / "out"
+    res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "3",
+                             "--aim_remote_server_ip", "127.0.0.1",
+                             "--aim_remote_server_port", str(port), "--experiment", "remote"))
+    assert res.exit_code == 0, res.stderr
+    state = json.loads((out / "aim_tracker.json").read_text())
+    assert state["repo"] == f"aim://127.0.0.1:{port}" and state["experiment"] == "remote"
+    # The server stores the run in its repository; `aim up` indexes it there, as we do here.
+    repo = Repo.from_path(str(repo_dir))
+    RepoIndexManager(repo).index(state["run_hash"])
+    aim_run = repo.get_run(state["run_hash"])
+    assert aim_run["hparams"]["aim_remote_server_port"] == port
+    steps, values, _ = jsonl_series(out, "training_loss")
+    assert aim_series(aim_run, "loss", "train")[:2] == (steps, values) and steps == [1, 2, 3]
