@@ -114,8 +114,13 @@ class Everything:
         self.seen.setdefault("on_save", []).append(os.path.basename(checkpoint_dir))
 
     @hookimpl
+    def on_train_error(self, run, error):
+        self.seen["on_train_error"] = f"{type(error).__name__}: {error}"
+
+    @hookimpl
     def on_train_end(self, run, summary):
         self.seen["on_train_end"] = summary["global_step"]
+        self.seen["wall_time_so_far"] = summary["wall_time_s"]
 
 
 def test_the_contract_plugin_covers_every_hook():
@@ -140,6 +145,7 @@ def test_every_hook_takes_effect(fmtune_tiny_model, tmp_path):
     assert seen["on_epoch_begin"] == [0, 2] and seen["on_epoch_end"] == [2, 3]
     assert seen["on_save"] == ["checkpoint-3"] and seen["on_train_end"] == 3
     assert len(seen["on_evaluate"]) == 1
+    assert "on_train_error" not in seen and seen["wall_time_so_far"] > 0
     assert {"epoch", "grad_norm", "learning_rate", "loss"} <= set(seen["on_log"][0])
     # wrap_peft's LoRA model was trained and saved: an adapter, not a full model
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
@@ -153,3 +159,25 @@ def test_validate_config_failure_from_a_plugin(fmtune_tiny_model, tmp_path):
                    "--training_data_path", "d", "--contract_rows", "0"],
                   plugins=[Everything(fmtune_tiny_model)])
     assert res.exit_code == 2 and "contract_rows must be > 0" in res.stderr
+
+
+def test_on_train_error_sees_the_failure_which_is_re_raised(fmtune_tiny_model, tmp_path):
+    plugin = Everything(fmtune_tiny_model)
+
+    class Exploder:
+        @hookimpl
+        def on_step(self, run):
+            if run.state.global_step == 2:
+                raise RuntimeError("boom at step 2")
+
+        @hookimpl
+        def on_train_error(self, error):
+            raise ValueError("a broken error handler is only logged")
+
+    with pytest.raises(RuntimeError, match="boom at step 2"):
+        run_cli(["train", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"),
+                 "--training_data_path", "unused", "--max_steps", "5", "--save_strategy", "no",
+                 "--per_device_train_batch_size", "2"], plugins=[plugin, Exploder()])
+    assert plugin.seen["on_train_error"] == "RuntimeError: boom at step 2"
+    # pluggy calls the later-registered Exploder first: it raised before step 2 reached us
+    assert plugin.seen["on_step"] == [1] and "on_train_end" not in plugin.seen

@@ -177,6 +177,15 @@ def on_save(run: Any, checkpoint_dir: str) -> dict[str, bool] | None:
 
 
 @hookspec
+def on_train_error(run: Any, error: BaseException) -> None:
+    """Training (or the final save) raised ``error``; it is re-raised after this hook.
+
+    Trackers close their run as failed here. Exceptions from implementations
+    are logged, not raised, so that the original error is the one reported.
+    """
+
+
+@hookspec
 def on_train_end(run: Any, summary: dict[str, Any]) -> None:
     """Training finished and the final model was saved.
 

@@ -56,6 +56,8 @@ def validate(config: Config, pm: pluggy.PluginManager) -> None:
         elif result:
             problems.extend(result)
     if problems:
+        if len(problems) == 1:
+            raise ConfigError(f"invalid config: {problems[0]}")
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
@@ -163,6 +165,16 @@ def find_resume(config: Config) -> str | None:
     return value
 
 
+def report_error(run: Run, error: BaseException) -> None:
+    """Tell every plugin that training failed; their own failures are only logged."""
+    for impl in reversed(run.pm.hook.on_train_error.get_hookimpls()):
+        try:
+            args = {"run": run, "error": error}
+            impl.function(**{name: args[name] for name in impl.argnames})
+        except Exception as e:  # noqa: BLE001 - keep the original error the one reported
+            log.warning("%s: on_train_error failed: %s: %s", impl.plugin_name, type(e).__name__, e)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -206,12 +218,15 @@ def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     if run.resumed_from:
         log.info("resuming from %s", run.resumed_from)
     t = time.perf_counter()
-    result = run.trainer.train(resume_from_checkpoint=run.resumed_from)
-    run.timings["train_s"] = time.perf_counter() - t
-
     save_dir = config.save_model_dir or config.output_dir
-    saved = pm.hook.save(model=run.trainer.model, tokenizer=run.tokenizer, output_dir=save_dir,
-                         config=config, trainer=run.trainer)
+    try:
+        result = run.trainer.train(resume_from_checkpoint=run.resumed_from)
+        run.timings["train_s"] = time.perf_counter() - t
+        saved = pm.hook.save(model=run.trainer.model, tokenizer=run.tokenizer,
+                             output_dir=save_dir, config=config, trainer=run.trainer)
+    except BaseException as error:
+        report_error(run, error)
+        raise
 
     state = run.trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -241,6 +256,7 @@ def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
         "output_dir": os.path.abspath(config.output_dir),
         "model_saved_to": os.path.abspath(saved) if saved else None,
     }
+    summary["wall_time_s"] = round(time.perf_counter() - start, 3)  # so far, for the hook
     pm.hook.on_train_end(run=run, summary=summary)
     summary["wall_time_s"] = round(time.perf_counter() - start, 3)
     if run.is_main_process:

@@ -259,3 +259,12 @@ def on_train_end(run, summary):
     summary["aim_run_hash"] = tracker.hash
     summary["aim_repo"] = tracker.location
     tracker.close(summary)
+
+
+@hookimpl
+def on_train_error(run, error):
+    tracker = _open_runs.pop(id(run), None)
+    if tracker is None:
+        return
+    tracker.aim_run["run_error"] = f"{type(error).__name__}: {error}"
+    tracker.close()

@@ -252,3 +252,26 @@ def test_remote_server_receives_the_run(fmtune_tiny_model, tmp_path, aim_server)
     assert aim_run["hparams"]["aim_remote_server_port"] == port
     steps, values, _ = jsonl_series(out, "training_loss")
     assert aim_series(aim_run, "loss", "train")[:2] == (steps, values) and steps == [1, 2, 3]
+
+
+def test_failed_training_closes_the_aim_run_with_the_error(fmtune_tiny_model, tmp_path):
+    from aim import Repo
+
+    from fmtune import hookimpl
+
+    class Exploder:
+        @hookimpl
+        def on_step(self, run):
+            if run.state.global_step == 2:
+                raise RuntimeError("diverged at step 2")
+
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    with pytest.raises(RuntimeError, match="diverged at step 2"):
+        run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "4",
+                           "--aim_repo", str(repo_dir)), plugins=[Exploder()])
+    state = json.loads((out / "aim_tracker.json").read_text())
+    aim_run = Repo(str(repo_dir)).get_run(state["run_hash"])
+    assert aim_run["run_error"] == "RuntimeError: diverged at step 2"
+    # the step-2 hook raised before step 2 was logged: aim holds what the log file holds
+    steps, values, _ = jsonl_series(out, "training_loss")
+    assert aim_series(aim_run, "loss", "train")[:2] == (steps, values) and steps == [1]

@@ -298,3 +298,15 @@ def on_train_end(run, summary):
     summary["mlflow_run_id"] = tracker.run_id
     summary["mlflow_tracking_uri"] = tracker.uri
     tracker.close(summary, run.state.global_step)
+
+
+@hookimpl
+def on_train_error(run, error):
+    tracker = _open_runs.pop(id(run), None)
+    if tracker is None:
+        return
+    from mlflow.entities import RunTag
+
+    tracker.client.log_batch(tracker.run_id, tags=[RunTag(
+        "fmtune.error", f"{type(error).__name__}: {error}"[:5000])])
+    tracker.client.set_terminated(tracker.run_id, "FAILED")

@@ -166,3 +166,22 @@ def test_bad_store_or_server_fails_before_training(tmp_path, uri, message):
     assert res.exit_code == 2
     assert message.format(**fill) in res.stderr
     assert not out.exists()  # failed before anything was loaded or written
+
+
+def test_failed_training_marks_the_mlflow_run_failed(fmtune_tiny_model, tmp_path):
+    from mlflow import MlflowClient
+
+    class Exploder:
+        @hookimpl
+        def on_step(self, run):
+            if run.state.global_step == 2:
+                raise RuntimeError("diverged at step 2")
+
+    out, uri = tmp_path / "out", f"file:{tmp_path / 'mlruns'}"
+    with pytest.raises(RuntimeError, match="diverged at step 2"):
+        run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "4",
+                           "--mlflow_tracking_uri", uri), plugins=[Exploder()])
+    run_id = json.loads((out / "mlflow_tracker.json").read_text())["run_id"]
+    found = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert found.info.status == "FAILED"
+    assert found.data.tags["fmtune.error"] == "RuntimeError: diverged at step 2"
