@@ -30,6 +30,7 @@ commands:
   train       fine-tune a model   (fmtune train --config run.yaml --plugins lora,aim)
   generate    greedy generation from a trained model or adapter folder
   evaluate    exact-match accuracy of greedy outputs on input/output records
+  plot        redraw OUTPUT_DIR/loss.png from its training_logs.jsonl
   plugins     list installed plugins, their versions and hooks
 
 `fmtune train --help [--plugins a,b]` lists every option of the active plugins.
