@@ -93,9 +93,12 @@ def main() -> None:
                    "--max_seq_length", "1024"]
         times = {"fms-hf-tuning": [], "fmtune": []}
         for k in range(args.repeats):
-            env["HF_DATASETS_CACHE"] = str(d / f"cache{k}")  # no reuse of cached map results
+            # a fresh datasets cache for every run of each tool: nothing converted or mapped
+            # by one run (or by the other tool) is reused.
             # fms-hf-tuning writes error.log into its working directory: keep it in the temp dir
+            env["HF_DATASETS_CACHE"] = str(d / f"cache-fms-{k}")
             times["fms-hf-tuning"].append(timed(fms_cmd, env, cwd=d))
+            env["HF_DATASETS_CACHE"] = str(d / f"cache-fmtune-{k}")
             times["fmtune"].append(timed(fmt_cmd, env, cwd=d))
         fms_rows = read_rows(d / "fms" / "train_dataset")
         fmt_rows = read_rows(d / "fmtune" / "train_dataset")
