@@ -206,3 +206,30 @@ def test_plugin_commands_are_listed_without_import_and_run(install_fake_plugin):
     assert res.exit_code == 3 and res.stdout == "hello a b\n"
     res = run_cli(["train", "--help"])  # core commands cannot be shadowed
     assert res.exit_code == 0 and "usage: fmtune train" in res.stdout
+
+
+SHARED_A = """
+    from fmtune import hookimpl
+
+    @hookimpl
+    def add_options(register):
+        register("rank_shared", int, 8, "Shared by a family of plugins.", shared=True)
+"""
+
+
+def test_shared_options_and_several_owners(install_fake_plugin):
+    install_fake_plugin("fama", SHARED_A)
+    install_fake_plugin("famb", SHARED_A)
+    config, _, _, _ = load_config(["--plugins", "fama,famb", *BASE, "--rank_shared", "4"])
+    assert config.rank_shared == 4  # one option, registered by both
+    with pytest.raises(ConfigError, match="option 'rank_shared' belongs to plugins 'fama', "
+                                          "'famb', none of them active"):
+        load_config([*BASE, "--rank_shared", "4"])
+
+    class NotShared:
+        @hookimpl
+        def add_options(self, register):
+            register("rank_shared", int, 8, "clash")
+
+    with pytest.raises(ConfigError, match="option 'rank_shared' is registered by both"):
+        load_config(["--plugins", "fama", *BASE], extra_plugins=[NotShared()])

@@ -97,9 +97,9 @@ def registry_for(pm) -> OptionRegistry:
 
 def _owner_hint(active: list[str]):
     """Finds which installed, inactive plugin owns an option (imports them only on error)."""
-    cache: dict[str, str] = {}
+    cache: dict[str, list[str]] = {}
 
-    def hint(name: str) -> str | None:
+    def hint(name: str) -> list[str]:
         if not cache:
             for pname, info in plugin_mod.installed().items():
                 if pname in active:
@@ -116,10 +116,10 @@ def _owner_hint(active: list[str]):
                     fn(lambda n, *a, aliases=(), **k: names.extend([n, *aliases]))
                 except Exception:  # noqa: BLE001
                     continue
-                for n in names:
-                    cache.setdefault(n, pname)
-            cache.setdefault("", "")
-        return cache.get(name.replace("-", "_"))
+                for n in dict.fromkeys(names):
+                    cache.setdefault(n, []).append(pname)
+            cache.setdefault("", [])
+        return cache.get(name.replace("-", "_"), [])
 
     return hint
 

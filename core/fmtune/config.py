@@ -34,7 +34,7 @@ class Option:
     plugin: str
     choices: tuple | None = None
     aliases: tuple[str, ...] = ()
-    nullable: bool = True
+    shared: bool = False
 
     def convert(self, value: Any, where: str) -> Any:
         """Convert a YAML value or CLI string to this option's type."""
@@ -99,10 +99,16 @@ class OptionRegistry:
 
     def register_for(self, plugin: str):
         def register(name: str, type: type | str = str, default: Any = None, help: str = "",
-                     choices: Iterable | None = None, aliases: Iterable[str] = ()) -> None:
+                     choices: Iterable | None = None, aliases: Iterable[str] = (),
+                     shared: bool = False) -> None:
+            """``shared=True``: plugins that all declare the option shared (with the same type)
+            get one option, the first registration's; otherwise a second owner is an error."""
             t = _TYPES[type] if isinstance(type, str) else type
             if t not in _TYPES.values():
                 raise TypeError(f"plugin {plugin!r}: option {name!r} has unsupported type {t!r}")
+            first = self.options.get(name)
+            if shared and first is not None and first.shared and first.type is t:
+                return
             for n in (name, *aliases):
                 if n in self.options or n in self.aliases:
                     owner = self.options.get(n) or self.options[self.aliases[n]]
@@ -110,7 +116,8 @@ class OptionRegistry:
                         f"option {n!r} is registered by both {owner.plugin!r} and {plugin!r}"
                     )
             self.options[name] = Option(name, t, default, help, plugin,
-                                        tuple(choices) if choices else None, tuple(aliases))
+                                        tuple(choices) if choices else None, tuple(aliases),
+                                        shared)
             for a in aliases:
                 self.aliases[a] = name
         return register
@@ -221,18 +228,22 @@ def resolve(registry: OptionRegistry, src: Sources, plugins: list[str],
             owner_hint=lambda name: None) -> Config:
     """Merge defaults < YAML < CLI into a :class:`Config`, strictly.
 
-    ``owner_hint(name)`` may return the name of an installed-but-inactive
-    plugin that owns an unknown option, for the error message.
+    ``owner_hint(name)`` may return the names of installed-but-inactive
+    plugins that own an unknown option, for the error message.
     """
     values = {name: opt.default for name, opt in registry.options.items()}
     sources = {name: "default" for name in registry.options}
     problems: list[str] = []
 
     def unknown(name: str, where: str) -> str:
-        owner = owner_hint(name)
-        if owner:
-            return (f"{where}: option {name!r} belongs to plugin {owner!r}, which is not active; "
-                    f"add --plugins {','.join([*plugins, owner])}")
+        owners = owner_hint(name) or []
+        if len(owners) == 1:
+            return (f"{where}: option {name!r} belongs to plugin {owners[0]!r}, which is not "
+                    f"active; add --plugins {','.join([*plugins, owners[0]])}")
+        if owners:
+            return (f"{where}: option {name!r} belongs to plugins "
+                    f"{', '.join(repr(o) for o in owners)}, none of them active; add one of them "
+                    "to --plugins")
         return f"{where}: unknown option {name!r}{suggest(name, registry.known_names())}"
 
     where_yaml = src.yaml_path or "config"

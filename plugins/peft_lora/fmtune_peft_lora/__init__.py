@@ -1,0 +1,1 @@
+"""fmtune PEFT plugins."""

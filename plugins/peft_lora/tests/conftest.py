@@ -1,0 +1,102 @@
+"""Fixtures for the PEFT plugin tests: tiny models built here, data, a recorder plugin."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmtune import hookimpl
+from fmtune.pytest_plugin import DEMO_TEXTS
+from fmtune.testing import build_tiny_model, run_cli, write_jsonl
+
+RECORDS = [
+    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
+    {"input": "question: what is two plus two? answer:", "output": "four"},
+    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
+    {"input": "input output label", "output": "yes no true false"},
+    {"input": "translate: a dog sees the cat =", "output": "un chien voit le chat"},
+    {"input": "hello there", "output": "hi, how can I help?"},
+    {"input": "positive negative", "output": "true false"},
+    {"input": "what is two plus two?", "output": "four"},
+]
+NEW_TOKENS = ["<|tool|>", "<|result|>"]
+
+
+@pytest.fixture(scope="session")
+def tied_model(tmp_path_factory):
+    """A tiny Llama whose lm_head is tied to its input embeddings."""
+    return build_tiny_model(tmp_path_factory.mktemp("tied-llama"), DEMO_TEXTS,
+                            tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def responsive_model(tmp_path_factory):
+    """A tiny Llama initialized with std 0.2 instead of 0.02: its outputs depend on the context
+    enough for prompt tuning (which only adds context) to move the loss in a few steps."""
+    return build_tiny_model(tmp_path_factory.mktemp("responsive-llama"), DEMO_TEXTS,
+                            initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", RECORDS)
+
+
+@pytest.fixture(scope="session")
+def tool_data(tmp_path_factory):
+    """Records that use two tokens the base tokenizer does not have."""
+    recs = [{"input": f"{r['input']} <|tool|>", "output": f"<|result|> {r['output']}"}
+            for r in RECORDS]
+    return write_jsonl(tmp_path_factory.mktemp("tool-data") / "train.jsonl", recs)
+
+
+class Recorder:
+    """In-test plugin: keeps the trained model and the logged losses of a run."""
+
+    def __init__(self):
+        self.model = None
+        self.losses: list[float] = []
+
+    @hookimpl
+    def on_log(self, run, logs):
+        if "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+    @hookimpl
+    def on_train_end(self, run):
+        self.model = run.model
+
+
+class AddTokens:
+    """In-test plugin: the run's tokenizer gets NEW_TOKENS (as a data plugin would add them)."""
+
+    @hookimpl(wrapper=True)
+    def load_tokenizer(self, config):
+        tok = yield
+        tok.add_special_tokens({"additional_special_tokens": NEW_TOKENS})
+        return tok
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model_name_or_path", model, "--training_data_path", data,
+            "--output_dir", str(out), "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-2", "--logging_steps", "1", "--save_strategy", "no",
+            "--seed", "0", *extra]
+
+
+def train(args, plugins=()):
+    """Run ``fmtune train`` in-process; return the Recorder (model, losses)."""
+    rec = Recorder()
+    res = run_cli(args, plugins=[rec, *plugins])
+    assert res.exit_code == 0, res.stderr[-3000:]
+    rec.result = res
+    return rec
+
+
+@pytest.fixture(scope="session")
+def peft_helpers():
+    """``train_args``, ``train``, ``Recorder``, ``AddTokens`` for the test modules (importlib
+    mode: test files cannot import this conftest)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(train_args=train_args, train=train, Recorder=Recorder,
+                           AddTokens=AddTokens, RECORDS=RECORDS, NEW_TOKENS=NEW_TOKENS)

@@ -1,0 +1,152 @@
+"""QLoRA: LoRA on a base loaded 4-bit/8-bit by bitsandbytes (which runs on CPU since 0.48)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from fmtune.cli import load_config
+from fmtune.inference import load_for_inference
+from fmtune.pipeline import validate
+from fmtune.testing import run_cli
+
+LINEARS = {"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}
+
+
+def wrapped(model_dir, tmp_path, *extra):
+    config, pm, _, _ = load_config(["--model_name_or_path", model_dir, "--training_data_path",
+                                    "x.jsonl", "--output_dir", str(tmp_path), *extra])
+    validate(config, pm)
+    tok = pm.hook.load_tokenizer(config=config)
+    model = pm.hook.load_model(config=config, tokenizer=tok)
+    return pm.hook.wrap_peft(model=model, config=config, tokenizer=tok)
+
+
+def lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def load_4bit(path):
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(fmtune_tiny_model, data, tmp_path_factory, peft_helpers):
+    out = tmp_path_factory.mktemp("qlora") / "out"
+    rec = peft_helpers.train(peft_helpers.train_args(
+        fmtune_tiny_model, data, out, "--plugins", "qlora", "--target_modules", "all-linear",
+        "--max_steps", "8"))
+    return rec, out
+
+
+def test_qlora_trains_lora_on_4bit_layers(qlora_run, fmtune_tiny_model):
+    rec, out = qlora_run
+    assert rec.losses[-1] < rec.losses[0] - 0.5
+    layers = lora_layers(rec.model)
+    assert {n.rsplit(".", 1)[-1] for n in layers} == LINEARS and len(layers) == 14
+    fresh = dict(load_4bit(fmtune_tiny_model).named_modules())
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        assert type(base) is bnb.nn.Linear4bit, name
+        state = base.weight.quant_state
+        assert state.quant_type == "nf4" and state.nested  # nf4, double quantization
+        assert base.compute_dtype == torch.float32
+        # the packed 4-bit weights did not move: they equal a fresh quantized load's
+        key = name.removeprefix("base_model.model.")
+        assert base.weight.dtype == torch.uint8 and torch.equal(base.weight, fresh[key].weight)
+        assert layer.lora_B["default"].weight.abs().sum() > 0  # zero-initialized: it trained
+    trainable = {n for n, p in rec.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert type(rec.model.base_model.model.lm_head) is torch.nn.Linear  # not quantized
+
+
+def test_qlora_adapter_loads_with_peft(qlora_run, fmtune_tiny_model):
+    rec, out = qlora_run
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = tok(["translate: the red cat sees a dog =", "hello there"], return_tensors="pt",
+              padding=True)
+    rec.model.eval()
+    with torch.no_grad():
+        trained = rec.model(**enc).logits
+        # on the same 4-bit base, the saved adapter is the trained model
+        on_4bit = PeftModel.from_pretrained(load_4bit(fmtune_tiny_model), out).eval()
+        torch.testing.assert_close(on_4bit(**enc).logits, trained, rtol=0, atol=1e-5)
+    # and it loads on the full-precision base (fmtune generate / evaluate, merge)
+    model, _ = load_for_inference(str(out))
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer) is \
+        torch.nn.Linear
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == os.path.abspath(fmtune_tiny_model)
+
+
+@pytest.mark.parametrize("extra, layer_type, quant_type", [
+    (["--bnb_4bit_quant_type", "fp4", "--bnb_4bit_use_double_quant", "false"], bnb.nn.Linear4bit,
+     "fp4"),
+    (["--load_in_8bit", "true"], bnb.nn.Linear8bitLt, None),
+])
+def test_quantization_options(extra, layer_type, quant_type, fmtune_tiny_model, tmp_path):
+    model = wrapped(fmtune_tiny_model, tmp_path, "--plugins", "qlora", *extra)
+    layers = lora_layers(model)
+    assert {n.rsplit(".", 1)[-1] for n in layers} == {"q_proj", "v_proj"}  # peft's llama default
+    for layer in layers.values():
+        base = layer.get_base_layer()
+        assert type(base) is layer_type
+        if quant_type:
+            assert base.weight.quant_state.quant_type == quant_type
+            assert not base.weight.quant_state.nested
+        else:
+            assert base.weight.dtype == torch.int8
+
+
+def test_alora_on_a_4bit_base(fmtune_tiny_model, tmp_path):
+    model = wrapped(fmtune_tiny_model, tmp_path, "--plugins", "alora,qlora",
+                    "--alora_invocation_string", " answer:", "--r", "4")
+    assert model.peft_config["default"].alora_invocation_tokens
+    assert model.peft_config["default"].r == 4
+    assert all(type(m.get_base_layer()) is bnb.nn.Linear4bit for m in lora_layers(model).values())
+
+
+def test_qlora_random_init_saves_the_base_it_trained_on(fmtune_tiny_model, data, tmp_path,
+                                                        peft_helpers):
+    out = tmp_path / "out"
+    rec = peft_helpers.train(peft_helpers.train_args(
+        fmtune_tiny_model, data, out, "--plugins", "qlora", "--random_init_weights", "true",
+        "--max_steps", "2"))
+    base_dir = out / "base_model"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_dir)
+    saved_base = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert type(saved_base.model.layers[0].mlp.up_proj) is torch.nn.Linear  # full precision
+    # the adapter on that base (quantized again) is the trained model
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = tok(["hello there"], return_tensors="pt")
+    rec.model.eval()
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(load_4bit(base_dir), out).eval()
+        torch.testing.assert_close(loaded(**enc).logits, rec.model(**enc).logits, rtol=0, atol=1e-5)
+
+
+def test_qlora_config_errors(fmtune_tiny_model, data, tmp_path, peft_helpers):
+    def err(*extra):
+        res = run_cli(peft_helpers.train_args(fmtune_tiny_model, data, tmp_path / "o", *extra))
+        assert res.exit_code == 2 and not (tmp_path / "o").exists()
+        return res.stderr.strip()
+
+    assert err("--plugins", "qlora", "--init_lora_weights", "pissa") == (
+        "fmtune: error: invalid config: init_lora_weights pissa rewrites the base weights, which "
+        "a 4/8-bit base cannot take: use it without qlora")
+    assert err("--plugins", "qlora", "--load_in_8bit", "true", "--bnb_4bit_quant_type", "fp4") == (
+        "fmtune: error: invalid config: load_in_8bit is set, so bnb_4bit_quant_type (4-bit "
+        "options) would be ignored: remove them")
+    assert err("--plugins", "qlora", "--peft_method", "none") == (
+        "fmtune: error: invalid config: peft_method none with qlora: a 4/8-bit base cannot be "
+        "trained in full")
