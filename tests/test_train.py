@@ -10,18 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fmtune import hookimpl
-from fmtune.testing import run_cli, write_jsonl
+from fmtune.testing import DEMO_RECORDS, run_cli, write_jsonl
 
-RECORDS = [
-    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
-    {"input": "question: what is two plus two? answer:", "output": "four"},
-    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
-    {"input": "input output label", "output": "yes no true false"},
-    {"input": "translate: a dog sees the cat =", "output": "un chien voit le chat"},
-    {"input": "hello there", "output": "hi, how can I help?"},
-    {"input": "positive negative", "output": "true false"},
-    {"input": "what is two plus two?", "output": "four"},
-]
+RECORDS = DEMO_RECORDS
 
 
 @pytest.fixture

@@ -23,6 +23,19 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   tie_word_embeddings=False)
 
 
+# Eight input/output records in the fmtune_tiny_model tokenizer's vocabulary, for tests.
+DEMO_RECORDS = [
+    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
+    {"input": "question: what is two plus two? answer:", "output": "four"},
+    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
+    {"input": "input output label", "output": "yes no true false"},
+    {"input": "translate: a dog sees the cat =", "output": "un chien voit le chat"},
+    {"input": "hello there", "output": "hi, how can I help?"},
+    {"input": "positive negative", "output": "true false"},
+    {"input": "what is two plus two?", "output": "four"},
+]
+
+
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 400):
     """A byte-level BPE tokenizer (eos ``<|endoftext|>`` id 0, pad ``<|pad|>`` id 1)."""
     from .bpe import train_bpe_tokenizer

@@ -6,18 +6,9 @@ import pytest
 
 from fmtune import hookimpl
 from fmtune.pytest_plugin import DEMO_TEXTS
-from fmtune.testing import build_tiny_model, run_cli, write_jsonl
+from fmtune.testing import DEMO_RECORDS, build_tiny_model, run_cli, write_jsonl
 
-RECORDS = [
-    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
-    {"input": "question: what is two plus two? answer:", "output": "four"},
-    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
-    {"input": "input output label", "output": "yes no true false"},
-    {"input": "translate: a dog sees the cat =", "output": "un chien voit le chat"},
-    {"input": "hello there", "output": "hi, how can I help?"},
-    {"input": "positive negative", "output": "true false"},
-    {"input": "what is two plus two?", "output": "four"},
-]
+RECORDS = DEMO_RECORDS
 NEW_TOKENS = ["<|tool|>", "<|result|>"]
 
 
