@@ -7,7 +7,6 @@ trainer runs with a callback that turns transformers' events into the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -19,6 +18,7 @@ import pluggy
 
 from . import __version__
 from .config import Config, ConfigError
+from .files import write_json
 from .plugins import plugin_versions
 
 log = logging.getLogger("fmtune")
@@ -260,8 +260,5 @@ def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     pm.hook.on_train_end(run=run, summary=summary)
     summary["wall_time_s"] = round(time.perf_counter() - start, 3)
     if run.is_main_process:
-        tmp = os.path.join(config.output_dir, SUMMARY_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, default=str)
-        os.replace(tmp, os.path.join(config.output_dir, SUMMARY_FILE))
+        write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary, default=str)
     return summary

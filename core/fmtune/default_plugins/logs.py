@@ -12,6 +12,7 @@ import json
 import os
 
 from fmtune import hookimpl
+from fmtune.files import write_atomic
 
 FILENAME = "training_logs.jsonl"
 NAMES = {"loss": "training_loss", "eval_loss": "validation_loss"}
@@ -36,10 +37,7 @@ def on_train_begin(run):
                     continue
                 if step <= run.state.global_step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
 
 
 @hookimpl(trylast=True)

@@ -34,6 +34,7 @@ import socket
 from typing import Any
 
 from fmtune import hookimpl
+from fmtune.files import read_json_object, write_json
 from fmtune.config import ConfigError
 
 log = logging.getLogger("fmtune")
@@ -132,19 +133,8 @@ def _repo_location(config) -> str:
 
 
 def _read_state(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and state.get("run_hash") else None
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    state = read_json_object(path)
+    return state if state and state.get("run_hash") else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -195,7 +185,7 @@ class _AimTracker:
             "resumed_from": run.resumed_from,
             "world_size": run.world_size,
         })
-        _write_json(self.state_path, {"run_hash": self.hash, "repo": self.location,
+        write_json(self.state_path, {"run_hash": self.hash, "repo": self.location,
                                       "experiment": self.aim_run.experiment})
         log.info("aim: %s run %s in %s", "continuing" if self.resumed else "tracking to",
                  self.hash, self.location)

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from fmtune import hookimpl
+from fmtune.files import read_json_object, write_json
 from fmtune.config import ConfigError
 
 log = logging.getLogger("fmtune")
@@ -138,19 +139,8 @@ def validate_config(config):
 
 
 def _read_state(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and state.get("run_id") else None
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    state = read_json_object(path)
+    return state if state and state.get("run_id") else None
 
 
 def _param_value(value: Any) -> str:
@@ -189,7 +179,7 @@ class _MlflowTracker:
             raise ConfigError(f"mlflow: cannot open a run at {self.uri}: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         experiment = self.client.get_experiment(self.experiment_id)
-        _write_json(self.state_path, {"run_id": self.run_id, "experiment_id": self.experiment_id,
+        write_json(self.state_path, {"run_id": self.run_id, "experiment_id": self.experiment_id,
                                       "experiment_name": experiment.name, "tracking_uri": self.uri})
         log.info("mlflow: %s run %s (experiment %r) at %s",
                  "continuing" if self.resumed else "tracking to", self.run_id, experiment.name,

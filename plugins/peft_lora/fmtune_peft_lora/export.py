@@ -19,6 +19,7 @@ import tempfile
 from contextlib import contextmanager
 
 from fmtune.config import ConfigError
+from fmtune.files import write_json
 
 log = logging.getLogger("fmtune")
 
@@ -262,7 +263,4 @@ def finish_saved_adapter(output_dir: str, config, base_dir: str | None = None) -
     cfg["base_model_name_or_path"] = base
     if cfg.get("tokenizer_name_or_path"):
         cfg["tokenizer_name_or_path"] = os.path.abspath(output_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json(path, cfg, sort_keys=True)

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from fmtune.config import ConfigError
+from fmtune.files import write_atomic
 
 from .events import CONTROL_FLAGS
 from .loader import Controller, Setup
@@ -85,10 +86,7 @@ class Engine:
                     except (ValueError, KeyError, TypeError):
                         continue
         os.makedirs(run.output_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_atomic(path, "".join(kept))
 
     def summary(self) -> dict[str, Any]:
         return {"config_file": os.path.abspath(self.setup.path),

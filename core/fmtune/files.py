@@ -1,0 +1,30 @@
+"""Small file helpers shared by the core and plugins: nothing is ever half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, data: Any, **dump_kwargs: Any) -> None:
+    """``json.dump`` (indented) to ``path`` atomically."""
+    write_atomic(path, json.dumps(data, indent=2, **dump_kwargs))
+
+
+def read_json_object(path: str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
