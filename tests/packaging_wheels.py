@@ -25,6 +25,8 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIRS = sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml"))
+# the tested set of packages (`make lock`): every install here goes through it, as in the Makefile
+LOCK = ROOT / "requirements" / "lock.txt"
 IGNORE = shutil.ignore_patterns("*.egg-info", "__pycache__", "build", "dist", ".pytest_cache")
 
 
@@ -61,8 +63,8 @@ def venv(tmp_path_factory):
     run(sys.executable, "-m", "venv", env_dir)
     py = env_dir / "bin" / "python"
     # as the Makefile does: the torch on this machine's disk first, so pip downloads none
-    run(py, "-m", "pip", "install", "--quiet", "torch==2.14.1")
-    run(py, "-m", "pip", "install", "--quiet", f"{core_wheel}[test]")
+    run(py, "-m", "pip", "install", "--quiet", "--constraint", LOCK, "torch")
+    run(py, "-m", "pip", "install", "--quiet", "--constraint", LOCK, f"{core_wheel}[test]")
     for plugin_dir in PLUGIN_DIRS:  # pip finds a plugin's first-party test extras here
         build_wheel(plugin_dir, tmp, wheels)
     return {"python": py, "bin": env_dir / "bin", "tmp": tmp, "wheels": wheels}
@@ -92,7 +94,8 @@ def test_plugin_wheel_alone(plugin_dir, venv):
     entry_points = sorted(entry_points)
     py, fmtune = venv["python"], venv["bin"] / "fmtune"
     wanted = project["name"] + ("[test]" if extras else "")
-    run(py, "-m", "pip", "install", "--quiet", "--find-links", venv["wheels"], wanted)
+    run(py, "-m", "pip", "install", "--quiet", "--constraint", LOCK, "--find-links",
+        venv["wheels"], wanted)
     try:
         rows = json.loads(run(fmtune, "plugins", "--json").stdout)
         plugins = {r["name"]: r for r in rows if not r["name"].startswith("default:")}

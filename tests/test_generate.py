@@ -155,3 +155,26 @@ def test_text_file_and_chat_errors(fmtune_tiny_model, tmp_path):
     res = run_cli(["generate", "--model", fmtune_tiny_model, "--text", "hi", "--out_file",
                    str(tmp_path / "no" / "such" / "dir.json")])
     assert res.exit_code == 2 and "its folder does not exist" in res.stderr
+
+
+def test_jsonl_output_survives_any_text(fmtune_tiny_model, monkeypatch):
+    """--jsonl: one record per prompt however the output looks (line breaks, the separators
+    str.splitlines also splits on, NUL, non-ASCII), read back with splitlines + json."""
+    import json
+
+    import fmtune.inference as inference
+
+    awkward = ["two\nlines\r\n", "group\x1dsep\x1cfile\x1erec", "nel\x85ls\u2028ps\u2029",
+               "nul\x00tab\t", "é中🙂"]
+    real = greedy(fmtune_tiny_model, PROMPTS[:1], 4)
+    monkeypatch.setattr(inference, "generate", lambda model, tok, prompts, n, **kw:
+                        [real[0], *awkward][:len(prompts)])
+    argv = ["generate", "--model", fmtune_tiny_model, "--jsonl", "--max_new_tokens", "4"]
+    for p in PROMPTS[:1] + ["p"] * len(awkward):
+        argv += ["--text", p]
+    res = run_cli(argv)
+    assert res.exit_code == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["output"] for r in records] == [real[0], *awkward]
+    assert [r["input"] for r in records] == PROMPTS[:1] + ["p"] * len(awkward)
+    assert res.stdout.isascii()

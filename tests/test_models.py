@@ -143,6 +143,10 @@ def check_adapter(out: Path, tok, quantized: bool) -> str:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32)}
     model = AutoPeftModelForCausalLM.from_pretrained(out, **kwargs)
+    if quantized:  # as a user reloading a QLoRA run on a CPU does (docs/peft.md)
+        from fmtune_peft_lora.quant import keep_generic_cpu_path
+
+        keep_generic_cpu_path(model)
     saved = load_file(out / "adapter_model.safetensors")
     state = get_peft_model_state_dict(model)
     full = model.state_dict()  # embeddings saved with the adapter (new tokens) are found here

@@ -103,12 +103,12 @@ def test_unknown_keys_did_you_mean_and_owner_hint(tmp_path, install_fake_plugin)
     cfg = tmp_path / "run.yaml"
     cfg.write_text("learnig_rate: 0.1\nfake_rank: 4\n")
     with pytest.raises(ConfigError) as err:
-        load_config(["--config", str(cfg), "--num_train_epoch", "2"])
+        load_config(["--config", str(cfg), "--num_train_epocs", "2"])
     msg = str(err.value)
     assert f"{cfg}: unknown option 'learnig_rate' (did you mean 'learning_rate'?)" in msg
     assert f"{cfg}: option 'fake_rank' belongs to plugin 'goodone', which is not active; " \
            "add --plugins goodone" in msg
-    assert "command line: unknown option 'num_train_epoch' (did you mean 'num_train_epochs'?)" in msg
+    assert "command line: unknown option 'num_train_epocs' (did you mean 'num_train_epochs'?)" in msg
     res = run_cli(["train", "--learnig_rate", "1"])
     assert res.exit_code == 2 and "did you mean 'learning_rate'" in res.stderr
 
@@ -119,11 +119,13 @@ def test_unknown_keys_did_you_mean_and_owner_hint(tmp_path, install_fake_plugin)
     (["--gradient_checkpointing", "maybe"], "gradient_checkpointing must be true/false"),
     (["--lr_scheduler_type", "cosin"], "lr_scheduler_type must be one of"),
     (["--max_steps"], "--max_steps needs a value"),
-    (["stray"], "unexpected argument 'stray'"),
+    (["stray"], "--output_dir takes one value, got 2"),  # BASE ends with --output_dir X
 ])
 def test_bad_values(argv, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config([*BASE, *argv])
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        load_config(["stray", *BASE])
 
 
 def test_validate_config_reports_all_problems_at_once():

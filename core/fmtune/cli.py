@@ -34,6 +34,7 @@ commands:
   plugins     list installed plugins, their versions and hooks
 
 `fmtune train --help [--plugins a,b]` lists every option of the active plugins.
+`--verbose` (with any command) also shows library notices fmtune keeps quiet.
 """
 
 
@@ -224,6 +225,14 @@ def cmd_plugins(argv: list[str]) -> int:
 # ------------------------------------------------------ generate/evaluate
 
 
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    from .config import parse_bool
+
+    parser.add_argument("--trust_remote_code", type=parse_bool, nargs="?", const=True,
+                        default=False, help="run Python code the model folder ships (auto_map); "
+                        "off by default, never asked on stdin")
+
+
 def cmd_generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fmtune generate",
@@ -234,13 +243,20 @@ def cmd_generate(argv: list[str]) -> int:
     src.add_argument("--text", action="append", help="prompt (repeatable)")
     src.add_argument("--text_file", help="prompts: one per line; or a .json list of strings or "
                      'of {"input"} objects; or .jsonl lines of those')
-    parser.add_argument("--out_file", help='write [{"input", "output"}, ...] JSON here '
-                        "(atomically) instead of printing the outputs")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--out_file", help='write [{"input", "output"}, ...] JSON here '
+                     "(atomically) instead of printing the outputs")
+    out.add_argument("--jsonl", action="store_true", help='print one {"input", "output"} JSON '
+                     "object per line (ASCII, every control character and line break escaped: "
+                     "a reader splitting on newlines gets exactly one record per prompt). "
+                     "Without it each output is printed as it is, followed by a newline, for "
+                     "people to read")
     parser.add_argument("--chat", action="store_true", help="render each prompt as a user "
                         "message with the tokenizer's chat template (or --chat_template)")
     parser.add_argument("--chat_template", help="Jinja chat template for --chat (a string, or a "
                         "file holding one)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    _trust_flag(parser)
     args = parser.parse_args(argv)
     import os
 
@@ -256,7 +272,7 @@ def cmd_generate(argv: list[str]) -> int:
     if template and os.path.isfile(template):
         with open(template, encoding="utf-8") as f:
             template = f.read()
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
     prompts = render_chat(tokenizer, texts, template, args.model) if args.chat else texts
     outputs = generate(model, tokenizer, prompts, args.max_new_tokens,
                        add_special_tokens=not args.chat)
@@ -264,9 +280,12 @@ def cmd_generate(argv: list[str]) -> int:
         write_json(args.out_file, [{"input": t, "output": o} for t, o in zip(texts, outputs)],
                    ensure_ascii=False)
         print(f"fmtune: wrote {len(outputs)} outputs to {args.out_file}")
+    elif args.jsonl:
+        for text, output in zip(texts, outputs):
+            print(json.dumps({"input": text, "output": output}, ensure_ascii=True))
     else:
-        for out in outputs:
-            print(out)
+        for output in outputs:
+            print(output)
     return 0
 
 
@@ -282,6 +301,7 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
     parser.add_argument("--data", required=True, help="JSONL file of {input, output} records")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--show", type=int, default=3, help="print this many predictions")
+    _trust_flag(parser)
     args, rest = parser.parse_known_args(argv)
     from .default_plugins.data import read_records
 
@@ -291,8 +311,10 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         from .inference import load_for_inference
 
-        model, tokenizer = load_for_inference(args.model)
+        model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
     else:
+        if args.trust_remote_code:
+            rest = [*rest, "--trust_remote_code", "true"]
         config, pm, _, _ = load_config(["--config", args.config, *rest], extra_plugins)
         tokenizer = pm.hook.load_tokenizer(config=config)
         model = pm.hook.load_model(config=config, tokenizer=tokenizer).eval()
@@ -355,9 +377,47 @@ def _usage() -> str:
                          + "\n\n`fmtune train --help")
 
 
+# Library loggers whose messages are not the user's business in a run that does not use that
+# library's feature: torch's pytree deprecation notices (torchao registers its enums at import),
+# torch's CUDA_HOME notice on machines without CUDA, bitsandbytes' "pip install kernels" for an
+# optional CPU kernel. `--verbose` (any command) or FMTUNE_VERBOSE=1 shows them.
+QUIET_LOGGERS = ("torch.utils._pytree", "torch.utils.cpp_extension",
+                 "bitsandbytes.backends.cpu.ops")
+# deprecation notices a library raises about its own internal calls
+QUIET_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def _quiet_libraries(argv: list[str]) -> list[str]:
+    """Drop ``--verbose`` from ``argv`` (remembered in FMTUNE_VERBOSE, which launched children
+    inherit); unless verbose, raise the level of :data:`QUIET_LOGGERS` to ERROR."""
+    import os
+
+    if "--verbose" in argv:
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ["FMTUNE_VERBOSE"] = "1"
+    if os.environ.get("FMTUNE_VERBOSE", "").lower() not in ("1", "true", "yes"):
+        import warnings
+
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+    return argv
+
+
+def _close_stdin() -> None:
+    """No fmtune command reads stdin: a library prompt (transformers asks "Do you wish to run the
+    custom code? [y/N]" when trust_remote_code is left unset) must never be answered by whatever
+    is piped in. Every loader passes trust_remote_code explicitly; this is the second guard."""
+    import os
+
+    if sys.stdin is not None and sys.stdin is sys.__stdin__:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives for the process
+
+
 def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
     """Entry point; ``extra_plugins`` registers plugin objects (used by tests)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _quiet_libraries(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -373,6 +433,7 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
               f"\n\n{_usage()}", file=sys.stderr)
         return 2
     _setup_logging()
+    _close_stdin()
     try:
         if command is None:
             from .plugins import incompatibility

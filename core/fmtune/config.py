@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,6 +36,8 @@ class Option:
     choices: tuple | None = None
     aliases: tuple[str, ...] = ()
     shared: bool = False
+    cli_unescape: bool = False
+    weak: bool = False
 
     def convert(self, value: Any, where: str) -> Any:
         """Convert a YAML value or CLI string to this option's type."""
@@ -85,9 +88,21 @@ class Option:
         return out
 
     def type_name(self) -> str:
-        return {bool: "true/false", list: "a list (comma-separated on the CLI)",
+        return {bool: "true/false", list: "a list (space- or comma-separated on the CLI)",
                 dict: "a mapping (JSON on the CLI)", int: "an integer",
                 float: "a number", str: "a string"}[self.type]
+
+
+def parse_bool(value: Any) -> bool:
+    """``true/false/yes/no/1/0/on/off`` (any case) as a bool; argparse ``type=`` friendly."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
 
 
 class OptionRegistry:
@@ -100,15 +115,24 @@ class OptionRegistry:
     def register_for(self, plugin: str):
         def register(name: str, type: type | str = str, default: Any = None, help: str = "",
                      choices: Iterable | None = None, aliases: Iterable[str] = (),
-                     shared: bool = False) -> None:
+                     shared: bool = False, cli_unescape: bool = False,
+                     weak: bool = False) -> None:
             """``shared=True``: plugins that all declare the option shared (with the same type)
-            get one option, the first registration's; otherwise a second owner is an error."""
+            get one option, the first registration's; otherwise a second owner is an error.
+            ``cli_unescape=True``: ``\\n``/``\\t`` typed on the command line become the
+            characters (templates, as in fms-hf-tuning). ``weak=True`` (the TrainingArguments
+            table): a later registration of the same name by a plugin replaces it, and a weak
+            registration of a name already taken is dropped."""
             t = _TYPES[type] if isinstance(type, str) else type
             if t not in _TYPES.values():
                 raise TypeError(f"plugin {plugin!r}: option {name!r} has unsupported type {t!r}")
             first = self.options.get(name)
             if shared and first is not None and first.shared and first.type is t:
                 return
+            if weak and (first is not None or name in self.aliases):
+                return
+            if first is not None and first.weak:
+                self._drop(name)
             for n in (name, *aliases):
                 if n in self.options or n in self.aliases:
                     owner = self.options.get(n) or self.options[self.aliases[n]]
@@ -117,10 +141,15 @@ class OptionRegistry:
                     )
             self.options[name] = Option(name, t, default, help, plugin,
                                         tuple(choices) if choices else None, tuple(aliases),
-                                        shared)
+                                        shared, cli_unescape, weak)
             for a in aliases:
                 self.aliases[a] = name
         return register
+
+    def _drop(self, name: str) -> None:
+        opt = self.options.pop(name)
+        for a in opt.aliases:
+            self.aliases.pop(a, None)
 
     def resolve(self, name: str) -> Option | None:
         name = name.replace("-", "_")
@@ -129,6 +158,21 @@ class OptionRegistry:
         if name in self.aliases:
             return self.options[self.aliases[name]]
         return None
+
+    def resolve_flag(self, name: str) -> Option | None:
+        """A command-line name: exact, an alias, or (as argparse, which fms-hf-tuning's
+        HfArgumentParser is) an unambiguous prefix of one option's names (``--data_config``
+        for ``--data_config_path``). An ambiguous prefix is a ConfigError naming the options."""
+        opt = self.resolve(name)
+        if opt is not None or not name:
+            return opt
+        name = name.replace("-", "_")
+        hits = {self.options[self.aliases.get(n, n)].name
+                for n in self.known_names() if n.startswith(name)}
+        if len(hits) > 1:
+            raise ConfigError(f"command line: --{name} is ambiguous: it could be "
+                              f"{', '.join('--' + h for h in sorted(hits))}")
+        return self.options[hits.pop()] if hits else None
 
     def known_names(self) -> list[str]:
         return [*self.options, *self.aliases]
@@ -194,25 +238,39 @@ def suggest(name: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def parse_cli_flags(argv: list[str]) -> list[tuple[str, str | None]]:
-    """Split ``--name value`` / ``--name=value`` / bare ``--flag`` pairs, in order."""
-    out: list[tuple[str, str | None]] = []
+def parse_cli_flags(argv: list[str]) -> list[tuple[str, list[str] | None]]:
+    """Split the command line the way transformers' ``HfArgumentParser`` (argparse) reads it:
+    ``--name value``, ``--name=value``, ``--name v1 v2 ...`` (every value up to the next
+    ``--flag``) and a bare ``--flag``; in order. Values are checked against the options in
+    :func:`resolve`."""
+    out: list[tuple[str, list[str] | None]] = []
     i = 0
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("--") or tok == "--":
             raise ConfigError(f"unexpected argument {tok!r} (options are written --name value)")
+        i += 1
         if "=" in tok:
             name, value = tok[2:].split("=", 1)
-            out.append((name, value))
+            out.append((name, [value]))
+            continue
+        values = []
+        while i < len(argv) and not argv[i].startswith("--"):
+            values.append(argv[i])
             i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out.append((tok[2:], argv[i + 1]))
-            i += 2
-        else:
-            out.append((tok[2:], None))
-            i += 1
+        out.append((tok[2:], values or None))
     return out
+
+
+_ESCAPES = re.compile(r"\\(n|t|r|\\)")
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape_cli(value: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed in a shell become the characters, as
+    fms-hf-tuning does for templates given on its command line (``--response_template
+    "\\n### Label:"``); YAML has its own escapes and is left alone."""
+    return _ESCAPES.sub(lambda m: _ESCAPED[m.group(1)], value)
 
 
 @dataclass
@@ -261,7 +319,11 @@ def resolve(registry: OptionRegistry, src: Sources, plugins: list[str],
             problems.append(str(e))
 
     for name, raw in src.cli_pairs:
-        opt = registry.resolve(name)
+        try:
+            opt = registry.resolve_flag(name)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
         if opt is None:
             problems.append(unknown(name, "command line"))
             continue
@@ -269,9 +331,19 @@ def resolve(registry: OptionRegistry, src: Sources, plugins: list[str],
             if opt.type is not bool:
                 problems.append(f"command line: --{name} needs a value ({opt.type_name()})")
                 continue
-            raw = "true"
+            raw = ["true"]
+        if opt.cli_unescape:
+            raw = [unescape_cli(v) for v in raw]
+        if opt.type is list:
+            value = raw if len(raw) > 1 else raw[0]  # one value may be comma-separated
+        elif len(raw) == 1:
+            value = raw[0]
+        else:
+            problems.append(f"command line: --{opt.name} takes one value, got {len(raw)}: "
+                            f"{' '.join(raw)}")
+            continue
         try:
-            values[opt.name] = opt.convert(raw, "command line")
+            values[opt.name] = opt.convert(value, "command line")
             sources[opt.name] = "command line"
         except ConfigError as e:
             problems.append(str(e))

@@ -10,24 +10,34 @@ from .config import ConfigError
 from .files import read_json_object
 
 
-def from_pretrained(loader: Callable[..., Any], path: str, what: str, **kwargs: Any) -> Any:
+def from_pretrained(loader: Callable[..., Any], path: str, what: str, *,
+                    trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """``loader(path, **kwargs)`` for a folder, else cache first, then the hub.
 
     An id that is neither a folder nor cached, and cannot be downloaded, is a
     :class:`ConfigError` that says so (set ``HF_HUB_OFFLINE=1`` to never try
     the network).
+
+    ``trust_remote_code`` is always passed to the loader, ``False`` unless the user set
+    ``--trust_remote_code true``: transformers then refuses a folder whose config names custom
+    code (``auto_map``) instead of asking on stdin whether to run it (issue 15).
     """
+    kwargs["trust_remote_code"] = bool(trust_remote_code)
     if os.path.isdir(path):
         try:
             return loader(path, **kwargs)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{what} {path}: cannot be loaded from this folder: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not trust_remote_code and "trust_remote_code" in str(e):
+                raise ConfigError(remote_code_refused(what, path)) from None
+            raise ConfigError(f"{what} {path}: cannot be loaded from this folder: {first}") from None
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ConfigError(f"{what} {path}: no such folder")
     try:
         return loader(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as e:
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            raise ConfigError(remote_code_refused(what, path)) from None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ConfigError(
             f"{what} {path}: not a local folder and not in the Hugging Face cache "
@@ -42,10 +52,15 @@ def from_pretrained(loader: Callable[..., Any], path: str, what: str, **kwargs: 
             "Give a local path, or download it on a machine with network.") from None
 
 
+def remote_code_refused(what: str, path: str) -> str:
+    return (f"{what} {path}: it needs its own Python code (auto_map in its config) and fmtune "
+            "does not run it unless you pass --trust_remote_code true")
+
+
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a folder or hub id, as ``AutoTokenizer`` resolves it.
 
     A local folder that declares transformers' generic fast tokenizer (``tokenizer.json``,
@@ -61,7 +76,8 @@ def load_tokenizer(path: str) -> Any:
         return from_pretrained(TokenizersBackend.from_pretrained, path, "tokenizer")
     from transformers import AutoTokenizer
 
-    return from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
+    return from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer",
+                           trust_remote_code=trust_remote_code)
 
 
 def generic_fast_tokenizer(path: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from .config import ConfigError
 
 
-def load_for_inference(path: str):
+def load_for_inference(path: str, trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a full-model folder or a peft adapter folder.
 
     Whatever a library prints while loading (gptqmodel prints its banner and kernel choice on
@@ -18,10 +18,10 @@ def load_for_inference(path: str):
     import sys
 
     with contextlib.redirect_stdout(sys.stderr):
-        return _load(path)
+        return _load(path, trust_remote_code)
 
 
-def _load(path: str):
+def _load(path: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hub import from_pretrained
@@ -37,14 +37,22 @@ def _load(path: str):
         tok_src = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
         if not tok_src:
             raise ConfigError(f"{path}: adapter folder has no tokenizer and no base model path")
-        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tok_src, "tokenizer")
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tok_src, "tokenizer",
+                                    trust_remote_code=trust_remote_code)
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(path)
-        except OSError as e:
+            model = AutoPeftModelForCausalLM.from_pretrained(path,
+                                                             trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            if not trust_remote_code and "trust_remote_code" in str(e):
+                from .hub import remote_code_refused
+
+                raise ConfigError(remote_code_refused("base model", str(base))) from None
             raise ConfigError(f"{path}: cannot load the adapter or its base model {base}: {e}") from None
     elif os.path.isfile(os.path.join(path, "config.json")):
-        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model")
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer",
+                                    trust_remote_code=trust_remote_code)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model",
+                                trust_remote_code=trust_remote_code)
     else:
         raise ConfigError(f"{path}: neither a model folder (config.json) nor an adapter folder "
                           "(adapter_config.json)")

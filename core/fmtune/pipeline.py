@@ -119,7 +119,7 @@ def training_arguments(config: Config):
     import torch
 
     dtype = resolve_dtype(config.torch_dtype)
-    args = TrainingArguments(
+    kwargs = dict(
         output_dir=config.output_dir,
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
@@ -149,6 +149,18 @@ def training_arguments(config: Config):
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    # every other TrainingArguments field the user set (bf16, fp16, report_to, logging_strategy,
+    # lr_scheduler_kwargs, ...) goes through as given; the user's value wins over fmtune's
+    from .training_options import names
+
+    for name in names():
+        if config.source(name) not in ("default", "set by a plugin") and name in config:
+            kwargs[name] = getattr(config, name)
+    try:
+        args = TrainingArguments(**kwargs)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        text = " ".join(str(e).split())
+        raise ConfigError(f"transformers refused the training options: {text}") from None
     from .batching import apply
 
     apply(config, args)  # total_train_batch_size: per-device batch and accumulation for this world

@@ -92,7 +92,8 @@ def load_tokenizer(config):
     else:
         from fmtune.hub import load_tokenizer as load
 
-        tok = load(config.tokenizer_name_or_path or config.model_name_or_path)
+        tok = load(config.tokenizer_name_or_path or config.model_name_or_path,
+                   trust_remote_code=config.trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             from fmtune.config import ConfigError
@@ -117,7 +118,8 @@ def load_model(config, tokenizer):
     model_config = None
     if config.random_init_weights or requested_attn_implementation(config) not in (
             None, "eager", "sdpa"):  # a flash request may fall back: to what the model has
-        model_config = from_pretrained(AutoConfig.from_pretrained, path, "model config")
+        model_config = from_pretrained(AutoConfig.from_pretrained, path, "model config",
+                                       trust_remote_code=config.trust_remote_code)
     attn = resolve_attn_implementation(config, model_config)
     if attn:
         kwargs["attn_implementation"] = attn
@@ -127,11 +129,13 @@ def load_model(config, tokenizer):
         model_config.pad_token_id = tokenizer.pad_token_id
         model_config.bos_token_id = tokenizer.bos_token_id
         set_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                 trust_remote_code=config.trust_remote_code,
+                                                 **kwargs)
         log.info("built %s with random weights (seed %d)", type(model).__name__, config.seed)
     else:
         model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model",
-                                dtype=dtype, **kwargs)
+                                trust_remote_code=config.trust_remote_code, dtype=dtype, **kwargs)
     return fit_to_tokenizer(model, tokenizer)
 
 

@@ -17,9 +17,27 @@ ATTN = ("eager", "sdpa", "flash_attention_2")
 
 @hookimpl(trylast=True)
 def add_options(register):
+    """fmtune's own options (fms-hf-tuning names and defaults), then every other field of the
+    installed transformers' TrainingArguments (fmtune.training_options)."""
+    from fmtune import training_options
+
+    own: set[str] = set()
+
+    def register_own(name, *args, **kwargs):
+        own.add(name)
+        own.update(kwargs.get("aliases", ()))
+        register(name, *args, **kwargs)
+
+    _core_options(register_own)
+    training_options.register_all(register, own)
+
+
+def _core_options(register):
     # model and tokenizer
     register("model_name_or_path", str, None, "Local folder or hub id of the base model (required).")
     register("tokenizer_name_or_path", str, None, "Tokenizer folder or hub id (default: the model's).")
+    register("trust_remote_code", bool, False, "Run Python code that a model or tokenizer folder "
+             "ships (auto_map in its config). Off unless set; fmtune never asks on stdin.")
     register("torch_dtype", str, "auto", "Weights dtype; auto = bfloat16 on a bf16-capable GPU, "
              "else float32.", choices=DTYPES)
     register("random_init_weights", bool, False, "Build the model from the config at "
@@ -39,8 +57,9 @@ def add_options(register):
     register("validation_data_path", str, None, "JSON/JSONL validation data.")
     register("dataset_text_field", str, None, "Train on this text column (whole sequence).")
     register("response_template", str, None, "With dataset_text_field: train only on what follows "
-             "this string.")
-    register("data_formatter_template", str, None, "Render each record with {{field}} placeholders.")
+             "this string (\\n typed on the command line is a line break).", cli_unescape=True)
+    register("data_formatter_template", str, None, "Render each record with {{field}} "
+             "placeholders (\\n typed on the command line is a line break).", cli_unescape=True)
     register("max_seq_length", int, 1024, "Truncate examples to this many tokens.")
     # training
     register("output_dir", str, None, "Checkpoints, logs and (by default) the final model (required).")

@@ -18,7 +18,8 @@ def add_options(register):
     register("chat_template", str, None, "Jinja chat template (default: the tokenizer's).",
              shared=True)
     register("instruction_template", str, None, "Chat: text that starts a user turn (with "
-             "response_template: train from each response to the next instruction).")
+             "response_template: train from each response to the next instruction).",
+             cli_unescape=True)
     register("add_special_tokens", list, None, "Tokens to add to the tokenizer (embeddings are "
              "resized).")
     register("padding_free", bool, False, "Batch examples back to back without padding; "

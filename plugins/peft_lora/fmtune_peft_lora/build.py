@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 
@@ -115,9 +117,9 @@ def meta_model(config):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        cfg = AutoConfig.from_pretrained(folder)
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(cfg)
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=config.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - the real load reports it properly
         log.debug("no structure check: %s", e)
         return None
@@ -150,7 +152,8 @@ def added_token_ids(config, tokenizer) -> list[int]:
     from fmtune.hub import from_pretrained
 
     base = from_pretrained(AutoTokenizer.from_pretrained,
-                           config.tokenizer_name_or_path or config.model_name_or_path, "tokenizer")
+                           config.tokenizer_name_or_path or config.model_name_or_path, "tokenizer",
+                           trust_remote_code=config.trust_remote_code)
     return list(range(len(base), len(tokenizer)))
 
 
@@ -231,7 +234,7 @@ def _prompt_tuning_config(config, tokenizer):
 
 def wrap(model, config, tokenizer):
     """The peft model for this run, or None for full fine-tuning."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import set_seed
 
     sel = select(config)
@@ -245,6 +248,43 @@ def wrap(model, config, tokenizer):
     elif config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need grads
     set_seed(config.seed)  # the adapter's random init depends on the seed only
+    with without_unused_gptqmodel(model):
+        peft_model = _peft_model(model, config, tokenizer, sel)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("%s: training %d of %d parameters (%.2f%%)", describe(sel, config), trainable, total,
+             100 * trainable / max(total, 1))
+    return peft_model
+
+
+@contextlib.contextmanager
+def without_unused_gptqmodel(model):
+    """peft asks, for every layer it adapts, whether it is a gptqmodel layer, and imports
+    gptqmodel to find out whenever it is installed: ~1 s of imports (triton, torchao, ...), a
+    banner on stdout and environment variables changed (PYTORCH_ALLOC_CONF, CUDA_DEVICE_ORDER)
+    in runs that use no GPTQ model. For a model without a GPTQ quantization_config, gptqmodel is
+    hidden from peft while the adapter is built (peft's cached answer is cleared afterwards)."""
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = (quant.get("quant_method") if isinstance(quant, dict)
+              else getattr(quant, "quant_method", None))
+    if "gptqmodel" in sys.modules or str(getattr(method, "value", method)).lower() in (
+            "gptq", "awq"):
+        yield
+        return
+    from peft import import_utils
+
+    import_utils.is_gptqmodel_available.cache_clear()
+    sys.modules["gptqmodel"] = None  # find_spec() answers None, import raises ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("gptqmodel", 0) is None:
+            del sys.modules["gptqmodel"]
+        import_utils.is_gptqmodel_available.cache_clear()
+
+
+def _peft_model(model, config, tokenizer, sel):
+    from peft import PeftModel, get_peft_model
+
     if config.continue_from_adapter:
         log.info("continuing training from the adapter in %s", config.continue_from_adapter)
         peft_model = PeftModel.from_pretrained(model, config.continue_from_adapter, is_trainable=True)
@@ -258,9 +298,6 @@ def wrap(model, config, tokenizer):
         peft_model = get_peft_model(model, lora_config)
         if mutates_base(lora_config.init_lora_weights):
             _save_initial_adapter(peft_model, lora_config)
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    log.info("%s: training %d of %d parameters (%.2f%%)", describe(sel, config), trainable, total,
-             100 * trainable / max(total, 1))
     return peft_model
 
 

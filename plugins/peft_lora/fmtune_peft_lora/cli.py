@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmtune.config import ConfigError
+from fmtune.config import ConfigError, parse_bool
 
 
 def merge(argv: list[str]) -> int:
@@ -20,13 +20,16 @@ def merge(argv: list[str]) -> int:
                              "folder, new folder for the merged model")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype the base is loaded and the merged model saved in")
+    parser.add_argument("--trust_remote_code", type=parse_bool, default=False, nargs="?", const=True,
+                        help="run Python code the base model folder ships (off by default; "
+                             "never asked on stdin)")
     args = parser.parse_args(argv)
     if len(args.paths) not in (2, 3):
         raise ConfigError("merge takes [BASE] ADAPTER OUT")
     base, adapter, out = ([None, *args.paths] if len(args.paths) == 2 else args.paths)
     from .export import merge as do_merge
 
-    do_merge(adapter, out, base=base, dtype=args.dtype)
+    do_merge(adapter, out, base=base, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"fmtune: merged {adapter} into its base; full model saved to {out}")
     return 0
 

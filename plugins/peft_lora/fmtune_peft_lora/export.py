@@ -106,7 +106,8 @@ def _base_path(adapter: str, cfg: dict, base: str | None) -> str:
     return base
 
 
-def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "float32"):
+def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "float32",
+                       trust_remote_code: bool = False):
     """``(peft_model, tokenizer)``: the base in full precision (resized to the adapter's tokenizer)
     with the adapter on top, loaded by peft's own loader."""
     import torch
@@ -120,14 +121,15 @@ def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "floa
     base = _base_path(adapter, cfg, base)
     has_tok = os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, adapter if has_tok else base,
-                                "tokenizer")
+                                "tokenizer", trust_remote_code=trust_remote_code)
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, base, "model",
-                            dtype=getattr(torch, dtype))
+                            trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
     fit_to_tokenizer(model, tokenizer)
     return PeftModel.from_pretrained(model, adapter), tokenizer
 
 
-def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32") -> str:
+def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32",
+          trust_remote_code: bool = False) -> str:
     """Merge a LoRA adapter into its base; save the full model + tokenizer to ``out``."""
     check_new_dir(out)
     cfg = _adapter_config(adapter)
@@ -137,7 +139,7 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     if cfg.get("alora_invocation_tokens"):
         raise ConfigError(f"{adapter}: an aLoRA adapter acts only after its invocation tokens; "
                           "merged into the weights it would act on every token")
-    model, tokenizer = load_adapter_model(adapter, base, dtype)
+    model, tokenizer = load_adapter_model(adapter, base, dtype, trust_remote_code)
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)

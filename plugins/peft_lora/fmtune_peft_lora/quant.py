@@ -24,6 +24,37 @@ def bnb_config(config):
                               bnb_4bit_compute_dtype=compute)
 
 
+# bitsandbytes' packed CPU layout (0.49+): 4-bit weights are repacked in blocks of 32 output
+# rows, two values per byte, with one absmax per `blocksize` inputs
+PACK_BLOCK_N = 32
+
+
+def keep_generic_cpu_path(model) -> int:
+    """Send 4-bit layers that bitsandbytes' packed CPU path cannot repack down its generic path.
+
+    On a CPU with avx512_bf16, bitsandbytes (0.49+) repacks a ``Linear4bit``'s weights at its
+    first forward in eval mode without grad (evaluation, generation): that needs out_features
+    divisible by 32 and in_features by the quantization block (64), else
+    ``RuntimeError: shape '[32, 0]' is invalid``. Layers of that shape (small models) keep the
+    path every CPU takes in training; the others keep the fast path. The decision depends only on
+    the layer's shape, so a run gives the same results on CPUs with and without avx512_bf16 for
+    those layers. Returns how many layers were switched."""
+    switched = 0
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            continue  # already repacked: it worked
+        shape = getattr(state, "shape", None) or (module.out_features, module.in_features)
+        block = getattr(state, "blocksize", None) or 64
+        out_features, in_features = int(shape[0]), int(shape[-1])
+        if out_features % PACK_BLOCK_N or in_features % block or in_features % 2:
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def load_quantized(config, tokenizer):
     """The base model with bitsandbytes linear layers (embeddings and lm_head stay unquantized)."""
     from transformers import AutoModelForCausalLM
@@ -49,7 +80,8 @@ def load_quantized(config, tokenizer):
                 del full
     quant = bnb_config(config)
     kwargs = {"quantization_config": quant, "device_map": device_map(config),
-              "dtype": resolve_dtype(config.torch_dtype)}
+              "dtype": resolve_dtype(config.torch_dtype),
+              "trust_remote_code": config.trust_remote_code}
     attn = resolve_attn_implementation(config)
     if attn:
         kwargs["attn_implementation"] = attn
@@ -57,6 +89,10 @@ def load_quantized(config, tokenizer):
     if config.random_init_weights:
         model.config._name_or_path = path
     fit_to_tokenizer(model, tokenizer)
+    switched = keep_generic_cpu_path(model)
+    if switched:
+        log.info("%d 4-bit layers are too narrow for bitsandbytes' packed CPU kernels: they use "
+                 "its generic path", switched)
     bits = "8-bit" if config.load_in_8bit else f"4-bit {config.bnb_4bit_quant_type}"
     log.info("loaded %s with %s linear layers (bitsandbytes)", path, bits)
     return model

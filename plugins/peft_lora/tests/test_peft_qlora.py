@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import bitsandbytes as bnb
@@ -13,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from fmtune.inference import load_for_inference
+from fmtune_peft_lora.quant import keep_generic_cpu_path
 from fmtune.testing import run_cli, wrapped_model
 
 LINEARS = {"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}
@@ -25,7 +27,9 @@ def lora_layers(model):
 def load_4bit(path):
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+    keep_generic_cpu_path(model)  # hidden size 32: too narrow for the avx512_bf16 packed path
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +143,69 @@ def test_qlora_config_errors(fmtune_tiny_model, data, tmp_path, peft_helpers):
     assert err("--plugins", "qlora", "--peft_method", "none") == (
         "fmtune: error: invalid config: peft_method none with qlora: a 4/8-bit base cannot be "
         "trained in full")
+
+
+# ------------------------------------ bitsandbytes' avx512_bf16 CPU path, forced either way
+
+
+@pytest.fixture(scope="module")
+def narrow_model(tmp_path_factory):
+    """Hidden size 32: every linear layer is narrower than bitsandbytes' block of 64."""
+    from fmtune.pytest_plugin import DEMO_TEXTS
+    from fmtune.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("narrow"), DEMO_TEXTS, hidden_size=32,
+                            intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("avx512bf16", [True, False], ids=["avx512bf16-cpu", "other-cpu"])
+def test_eval_forward_on_either_cpu_kind(narrow_model, avx512bf16):
+    """bitsandbytes picks its CPU path per layer from the processor
+    (``support_avx512bf16_for_cpu``); both values are forced here so that both run on any
+    machine. The plugin's loader keeps too-narrow layers (hidden size 32 < block 64) on the
+    generic path: eval-mode logits are then the same on both kinds of CPU."""
+    logits = {}
+    for guarded in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(
+            narrow_model, device_map="cpu", quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32)).eval()
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = avx512bf16
+        if guarded:
+            switched = keep_generic_cpu_path(model)
+            assert switched == (len(layers) if avx512bf16 else 0)
+        ids = torch.tensor([[1, 5, 9, 13]])
+        with torch.no_grad():
+            if avx512bf16 and not guarded:  # the crash the guard exists for
+                with pytest.raises(RuntimeError, match="invalid for input of size"):
+                    model(input_ids=ids)
+                continue
+            logits[guarded] = model(input_ids=ids).logits
+    assert torch.isfinite(logits[True]).all()
+    if not avx512bf16:
+        assert torch.equal(logits[True], logits[False])
+
+
+def test_qlora_evaluates_during_training_on_an_avx512bf16_cpu(narrow_model, data, tmp_path,
+                                                              peft_helpers, monkeypatch):
+    """Evaluation in eval mode without grad is where the packed path starts: a QLoRA run with a
+    validation set evaluates through the plugin's loader whatever the processor says."""
+    monkeypatch.setattr(bnb.nn.Linear4bit, "__init__", _forcing_avx512bf16(
+        bnb.nn.Linear4bit.__init__))
+    rec = peft_helpers.train(peft_helpers.train_args(
+        narrow_model, data, tmp_path / "out", "--plugins", "qlora", "--max_steps", "2",
+        "--validation_data_path", data, "--eval_strategy", "steps", "--eval_steps", "1"))
+    assert rec.result.exit_code == 0
+    lines = (tmp_path / "out" / "training_logs.jsonl").read_text().splitlines()
+    evals = [r["data"]["value"] for r in map(json.loads, lines) if r["name"] == "validation_loss"]
+    assert len(evals) == 2 and all(map(math.isfinite, evals)), lines
+
+
+def _forcing_avx512bf16(init):
+    def forced(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.support_avx512bf16_for_cpu = True
+    return forced

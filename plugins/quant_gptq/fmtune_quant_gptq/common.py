@@ -123,7 +123,8 @@ def load_quantized(config, method: str, what: str, hint: str, quantization_confi
     from fmtune.hub import from_pretrained
 
     path = config.model_name_or_path
-    model_config = from_pretrained(AutoConfig.from_pretrained, path, "model config")
+    model_config = from_pretrained(AutoConfig.from_pretrained, path, "model config",
+                                   trust_remote_code=config.trust_remote_code)
     quant = getattr(model_config, "quantization_config", None) or {}
     if not isinstance(quant, dict):
         quant = quant.to_dict()
@@ -131,7 +132,8 @@ def load_quantized(config, method: str, what: str, hint: str, quantization_confi
         found = quant.get("quant_method") or "no quantization_config"
         raise ConfigError(f"model_name_or_path: {path} is not {what} checkpoint ({found}){hint}")
     kwargs = {"dtype": resolve_dtype(config.torch_dtype), "device_map": device_map(config),
-              "quantization_config": quantization_config(quant)}
+              "quantization_config": quantization_config(quant),
+              "trust_remote_code": config.trust_remote_code}
     attn = resolve_attn_implementation(config, model_config)
     if attn:
         kwargs["attn_implementation"] = attn

@@ -1,0 +1,52 @@
+"""Quiet by default: a LoRA run that uses no GPTQ model neither imports gptqmodel (its banner,
+its environment changes) nor prints library notices that are not the user's business;
+`--verbose` shows the notices (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from fmtune.testing import train_argv
+
+SCRIPT = """
+import json, os, sys
+from fmtune.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "gptqmodel": "gptqmodel" in sys.modules,
+                  "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}))
+"""
+NOISE = ("GPT-QModel", "Python GIL is enabled", "ENV: Auto setting", "_pytree.py",
+         "pip install kernels", "No CUDA runtime is found", "is_gradient_checkpointing")
+
+
+def _run(argv):
+    res = subprocess.run([sys.executable, "-c", SCRIPT, *argv], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1]), res.stdout + res.stderr
+
+
+def test_lora_run_is_quiet_and_never_imports_gptqmodel(fmtune_tiny_model, data, tmp_path):
+    argv = train_argv(fmtune_tiny_model, data, tmp_path / "out", "--plugins", "lora",
+                      "--max_steps", "1")
+    state, output = _run(argv)
+    assert state == {"code": 0, "gptqmodel": False, "alloc_conf": None}
+    assert [n for n in NOISE if n in output] == []
+    assert "fmtune: done" in output
+
+
+def test_verbose_lets_library_notices_through():
+    import logging
+
+    from fmtune.cli import QUIET_LOGGERS
+
+    script = ("import logging, sys\nfrom fmtune.cli import _quiet_libraries\n"
+              "_quiet_libraries(sys.argv[1:])\n"
+              "print([logging.getLogger(n).getEffectiveLevel() for n in %r])" % (QUIET_LOGGERS,))
+    for flags, level in ((["--verbose"], logging.WARNING), ([], logging.ERROR)):
+        res = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True,
+                             text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout) == [level] * len(QUIET_LOGGERS), flags

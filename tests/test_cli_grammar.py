@@ -1,0 +1,93 @@
+"""The command-line grammar of transformers' HfArgumentParser (argparse), which fms-hf-tuning's
+users type: bare booleans, True/False values, space-separated lists, --a=b, JSON dicts,
+unambiguous prefixes, shell-typed escapes in templates; and every TrainingArguments field."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmtune.cli import load_config
+from fmtune.config import ConfigError
+
+BASE = ["--model_name_or_path", "m", "--output_dir", "o"]
+
+
+def parse(*argv, plugins=()):
+    extra = ["--plugins", ",".join(plugins)] if plugins else []
+    config, _, _, _ = load_config([*extra, *BASE, *argv])
+    return config
+
+
+def test_booleans_bare_and_valued():
+    c = parse("--gradient_checkpointing", "--use_cpu", "False", "--bf16=true")
+    assert (c.gradient_checkpointing, c.use_cpu, c.bf16) == (True, False, True)
+    assert c.source("bf16") == "command line" and c.source("fp16") == "default"
+
+
+def test_space_separated_and_comma_separated_lists():
+    c = parse("--tokenizer_train_files", "a.txt", "b.txt", "--label_names", "labels")
+    assert c.tokenizer_train_files == ["a.txt", "b.txt"] and c.label_names == ["labels"]
+    assert parse("--tokenizer_train_files", "a.txt,b.txt").tokenizer_train_files == ["a.txt",
+                                                                                     "b.txt"]
+
+
+def test_prefixes_like_argparse():
+    c = parse("--num_train_epoch", "2", "--per_device_train", "3", "--response_templ", "x")
+    assert (c.num_train_epochs, c.per_device_train_batch_size, c.response_template) == (2.0, 3,
+                                                                                        "x")
+    with pytest.raises(ConfigError, match=r"--per_device is ambiguous: it could be "
+                                          r"--per_device_eval_batch_size, "
+                                          r"--per_device_train_batch_size"):
+        parse("--per_device", "3")
+
+
+def test_templates_unescaped_as_fms_hf_tuning_does():
+    c = parse("--response_template", "\\n### Label:", "--data_formatter_template",
+              "### Input: {{input}}\\n\\n### Response:", "--dataset_text_field", "a\\nb")
+    assert c.response_template == "\n### Label:"
+    assert c.data_formatter_template == "### Input: {{input}}\n\n### Response:"
+    assert c.dataset_text_field == "a\\nb"  # not a template: left as typed
+
+
+def test_every_training_arguments_field_is_an_option():
+    from transformers import TrainingArguments
+    import dataclasses
+
+    c = parse("--logging_strategy", "epoch", "--report_to", "none", "--lr_scheduler_kwargs",
+              '{"min_lr": 1e-6}', "--adam_beta1", "0.8", "--save_only_model",
+              "--neftune_noise_alpha", "5", "--dataloader_num_workers", "0")
+    assert c.logging_strategy == "epoch" and c.lr_scheduler_kwargs == {"min_lr": 1e-6}
+    assert (c.adam_beta1, c.save_only_model, c.neftune_noise_alpha) == (0.8, True, 5.0)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    missing = sorted(f for f in fields if f not in c and not f.startswith("_"))
+    assert missing == [], missing
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--logging_strategy", "often"], "logging_strategy must be one of no, steps, epoch"),
+    (["--adam_beta1", "high"], "adam_beta1 must be a number, got 'high'"),
+    (["--bf16", "maybe"], "bf16 must be true/false"),
+    (["--learning_rate", "1", "2"], "--learning_rate takes one value, got 2: 1 2"),
+    (["--lr_scheduler_kwargs", "{oops"], "lr_scheduler_kwargs must be a mapping"),
+    (["--save_strategy"], "--save_strategy needs a value"),
+])
+def test_bad_values_are_one_line_errors(argv, needle):
+    with pytest.raises(ConfigError) as err:
+        parse(*argv)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_training_arguments_receive_what_the_user_set(tmp_path):
+    from fmtune.pipeline import training_arguments
+
+    c = parse("--output_dir", str(tmp_path), "--logging_strategy", "epoch", "--adam_beta2",
+              "0.95", "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs",
+              '{"min_lr": 1e-6}', "--save_only_model", "true", "--use_cpu")
+    args = training_arguments(c)
+    assert (args.logging_strategy, args.adam_beta2, args.save_only_model) == ("epoch", 0.95, True)
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-6}
+    # transformers' own checks become one-line errors
+    bad = parse("--output_dir", str(tmp_path), "--use_cpu", "--load_best_model_at_end",
+                "--eval_strategy", "steps", "--save_strategy", "epoch")
+    with pytest.raises(ConfigError, match="transformers refused the training options"):
+        training_arguments(bad)
