@@ -136,6 +136,15 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
     names = plugin_mod.split_names(cli_plugins if cli_plugins is not None
                                    else yaml_values.get("plugins"))
     names += [n for n in activate if n not in names]
+    cli_pairs = parse_cli_flags(rest)
+    # fms-hf-tuning's feature flags (--peft_method lora, --trackers aim, --data_config_path F)
+    # activate the installed plugin that declares them (plugins.Implication)
+    available = plugin_mod.installed()
+    for plugin, reason in plugin_mod.implied(yaml_values, cli_pairs, names):
+        info = available[plugin]
+        log.info("%s activates plugin %r (%s %s)", reason, plugin, info.distribution,
+                 info.version)
+        names.append(plugin)
     pm = plugin_mod.new_manager()
     for obj in extra_plugins:
         pm.register(obj)
@@ -143,7 +152,7 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
     registry = registry_for(pm)
     if want_help:
         return None, pm, True, registry
-    config = resolve(registry, Sources(yaml_values, config_path, parse_cli_flags(rest)), names,
+    config = resolve(registry, Sources(yaml_values, config_path, cli_pairs), names,
                      owner_hint=_owner_hint(names))
     return config, pm, False, registry
 

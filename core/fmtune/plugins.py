@@ -104,6 +104,78 @@ def installed() -> dict[str, PluginInfo]:
     return dict(sorted(found.items()))
 
 
+IMPLIED_GROUP = "fmtune.implied_by"
+_TRUE_WORDS = {"true", "yes", "1", "on"}
+
+
+@dataclass
+class Implication:
+    """A plugin's declaration that an option (with a value, or any value) asks for it: an entry
+    point ``"OPTION" = "PLUGIN"`` or ``"OPTION:VALUE" = "PLUGIN"`` in the group
+    ``fmtune.implied_by`` of the plugin's distribution (``"peft_method:lora" = "lora"``,
+    ``"data_config_path" = "data_handlers"``): ``OPTION`` alone, any value of the option asks
+    for the plugin (it owns the option); ``OPTION:VALUE``, only that value (case-insensitive;
+    ``true`` also matches yes/1/on). Read from metadata: nothing is imported."""
+
+    option: str
+    value: str | None
+    plugin: str
+    distribution: str | None
+
+
+def implications() -> list[Implication]:
+    out = []
+    for ep in metadata.entry_points(group=IMPLIED_GROUP):
+        option, _, value = ep.name.partition(":")
+        dist = getattr(ep, "dist", None)
+        out.append(Implication(option.strip(), value.strip().lower() or None, ep.value.strip(),
+                               dist.metadata["Name"] if dist else None))
+    return out
+
+
+def _given(yaml_values: dict, cli_pairs: list, options: set[str]) -> list[tuple[str, list]]:
+    """``(option, values)`` the user gave; command-line names may be unique prefixes."""
+    given = []
+    for key, value in yaml_values.items():
+        values = value if isinstance(value, list) else [value]
+        given.append((str(key), values))
+    for name, values in cli_pairs:
+        name = name.replace("-", "_")
+        hits = [o for o in options if o.startswith(name)]
+        if name not in options and len(hits) == 1:
+            name = hits[0]
+        given.append((name, ["true"] if values is None else values))
+    return given
+
+
+def implied(yaml_values: dict, cli_pairs: list, active: list[str]) -> list[tuple[str, str]]:
+    """``(plugin, reason)`` for each installed plugin that an option asks for (see
+    :class:`Implication`), unless a plugin of the same distribution is already active (its
+    options then say which of its methods runs). A value that names no installed plugin is
+    left to the option's own check."""
+    specs = implications()
+    if not specs:
+        return []
+    available = installed()
+    active_dists = {available[n].distribution for n in active if n in available}
+    found: list[tuple[str, str]] = []
+    for option, values in _given(yaml_values, cli_pairs, {s.option for s in specs}):
+        words = []
+        for v in values:
+            words += [w.strip().lower() for w in str(v).split(",") if w.strip()]
+        mine = [s for s in specs if s.option == option and s.plugin not in active
+                and s.plugin in available and s.distribution not in active_dists]
+        hits = [s for s in mine if s.value is None]  # the option is the plugin's: any value
+        for word in words:  # in the order the user wrote them
+            hits += [s for s in mine if s.value is not None and (
+                s.value == word or (s.value in _TRUE_WORDS and word in _TRUE_WORDS))]
+        for spec in hits:
+            if spec.plugin not in dict(found):
+                found.append((spec.plugin, f"--{option}" + (f" {spec.value}" if spec.value
+                                                            else "")))
+    return found
+
+
 def new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)

@@ -94,6 +94,14 @@ def _core_options(register):
     register("resume_from_checkpoint", str, "auto", "auto: resume from the latest checkpoint in "
              "output_dir if any; false: start over; or a checkpoint path.")
     register("use_cpu", bool, False, "Train on CPU even when a GPU is present.")
+    # fms-hf-tuning's tracker selection
+    register("trackers", list, None, "Trackers to report to (fms-hf-tuning): each names a "
+             "tracker plugin, which is activated when installed.")
+    register("peft_method", str, None, "fms-hf-tuning's PEFT selector: lora, alora or pt "
+             "activate the installed PEFT plugin; none (or unset) is full fine-tuning. The PEFT "
+             "plugin takes this option over when active.", weak=True)
+    register("experiment", str, None, "Experiment name the trackers file the run under "
+             "(fms-hf-tuning; a tracker's own experiment option wins).")
     # multi-process (docs/distributed.md)
     register("num_processes", int, None, "Train with N processes: `fmtune train --num_processes N` "
              "re-runs itself under `accelerate launch` (DDP; on CPU over gloo). Under accelerate "
@@ -130,6 +138,13 @@ def _problems_for(config):
         if not os.path.isfile(path):
             problems.append(f"tokenizer_train_files: {path} not found")
     problems.extend(_attn_problems(config))
+    for tracker in config.get("trackers") or []:
+        if tracker not in config.plugins and tracker != "none":
+            from fmtune.plugins import installed
+
+            problems.append(f"trackers: no installed tracker plugin named {tracker!r} "
+                            f"(installed plugins: {', '.join(installed()) or 'none'}; install "
+                            "the fmtune plugin that provides it)")
     rfc = str(config.resume_from_checkpoint).lower()
     if rfc not in ("auto", "true", "false", "none") and not os.path.isdir(config.resume_from_checkpoint):
         problems.append(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a folder "

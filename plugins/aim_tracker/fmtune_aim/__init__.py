@@ -56,8 +56,7 @@ def add_options(register):
              "aim repository folder (aim keeps its data in FOLDER/.aim, created if missing); "
              "default: the nearest folder holding a .aim at or above the current directory, "
              "else the current directory.")
-    register("aim_experiment", str, None, "aim experiment to file the run under.",
-             aliases=("experiment",))
+    register("aim_experiment", str, None, "aim experiment to file the run under.")
     register("aim_remote_server_ip", str, None,
              "Track to a remote `aim server` at this host instead of a local repository "
              "(with aim_remote_server_port).")
@@ -160,8 +159,9 @@ class _AimTracker:
         interval = config.aim_system_tracking_interval or None
         kwargs: dict[str, Any] = dict(repo=self.location, system_tracking_interval=interval,
                                       capture_terminal_logs=True)
-        if config.aim_experiment:
-            kwargs["experiment"] = config.aim_experiment
+        experiment = config.aim_experiment or config.get("experiment")  # fms-hf-tuning's name
+        if experiment:
+            kwargs["experiment"] = experiment
         try:
             resume_hash = None
             if previous and previous.get("repo") == self.location:

@@ -206,7 +206,7 @@ class _MlflowTracker:
         return found.info.run_id
 
     def _create(self, run) -> str:
-        name = run.config.mlflow_experiment or "Default"
+        name = run.config.mlflow_experiment or run.config.get("experiment") or "Default"
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(name)
