@@ -97,6 +97,9 @@ def _core_options(register):
     # fms-hf-tuning's tracker selection
     register("trackers", list, None, "Trackers to report to (fms-hf-tuning): each names a "
              "tracker plugin, which is activated when installed.")
+    register("include_tokens_per_second", bool, False, "fms-hf-tuning's flag (a "
+             "TrainingArguments field of transformers 4): fmtune always reports tokens/s "
+             "(run_summary.json, the closing line), so it is accepted and changes nothing.")
     register("peft_method", str, None, "fms-hf-tuning's PEFT selector: lora, alora or pt "
              "activate the installed PEFT plugin; none (or unset) is full fine-tuning. The PEFT "
              "plugin takes this option over when active.", weak=True)
