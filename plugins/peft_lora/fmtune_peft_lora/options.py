@@ -46,7 +46,7 @@ COMMON = (
 )
 
 LORA = (
-    Spec("r", int, 8, "LoRA rank."),
+    Spec("r", int, 8, "LoRA rank.", aliases=("lora_r",)),  # lora_r: as the seeds write it
     Spec("lora_alpha", float, 32.0, "LoRA scaling numerator (scaling = lora_alpha / r, or / sqrt(r) "
          "with use_rslora)."),
     Spec("lora_dropout", float, 0.05, "Dropout on the LoRA input."),
