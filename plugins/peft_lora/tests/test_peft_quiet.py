@@ -5,6 +5,7 @@ its environment changes) nor prints library notices that are not the user's busi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,8 +23,11 @@ NOISE = ("GPT-QModel", "Python GIL is enabled", "ENV: Auto setting", "_pytree.py
 
 
 def _run(argv):
+    # gptqmodel, imported by earlier tests in this process, set these in our environment
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTORCH_ALLOC_CONF", "CUDA_DEVICE_ORDER")}
     res = subprocess.run([sys.executable, "-c", SCRIPT, *argv], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.splitlines()[-1]), res.stdout + res.stderr
 
