@@ -91,3 +91,25 @@ def test_training_arguments_receive_what_the_user_set(tmp_path):
                 "--eval_strategy", "steps", "--save_strategy", "epoch")
     with pytest.raises(ConfigError, match="transformers refused the training options"):
         training_arguments(bad)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--num_train_epochs", "0"], "num_train_epochs must be > 0 (or give max_steps), got 0.0"),
+    (["--num_train_epochs", "-1"], "num_train_epochs must be > 0"),
+    (["--max_steps", "0"], "max_steps must be a positive number of steps"),
+    (["--learning_rate", "inf"], "learning_rate must be a finite number >= 0, got inf"),
+    (["--learning_rate", "nan"], "learning_rate must be a finite number >= 0, got nan"),
+    (["--logging_steps", "0"], "logging_steps must be > 0"),
+    (["--save_steps", "-5"], "save_steps must be > 0"),
+])
+def test_values_that_would_train_nothing_or_diverge_are_refused(argv, needle, tmp_path):
+    """fms-hf-tuning (transformers) refuses these, or trains nothing and reports success."""
+    from fmtune.testing import run_cli
+
+    res = run_cli(["train", *BASE[:2], "--output_dir", str(tmp_path / "o"),
+                   "--training_data_path", "d.jsonl", *argv])
+    assert res.exit_code == 2 and needle in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+    # max_steps overrides epochs, as in transformers
+    c = parse("--num_train_epochs", "0", "--max_steps", "3")
+    assert (c.num_train_epochs, c.max_steps) == (0.0, 3)

@@ -120,3 +120,19 @@ def test_json_array_file(tmp_path, tok):
     config, _ = config_for(tmp_path, str(path))
     with pytest.raises(DataError, match=r"data.json: record 2: expected an object"):
         build_dataset(config, tok, str(path))
+
+
+def test_non_utf8_and_binary_files_are_one_line_errors(tmp_path):
+    from fmtune.default_plugins.data import read_records
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError) as err:
+        read_records(str(latin))
+    assert str(err.value) == (f"{latin}:2: not UTF-8 text (byte 0xe9 at offset 44); convert "
+                              "the file to UTF-8")
+    arrow = tmp_path / "tokenized.arrow"
+    arrow.write_bytes(b"\xff\xffARROW1\x00")
+    with pytest.raises(DataError, match=r"tokenized.arrow: the core reads JSON and JSONL records "
+                                        r"only; a .arrow file needs a data plugin"):
+        read_records(str(arrow))

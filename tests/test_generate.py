@@ -178,3 +178,40 @@ def test_jsonl_output_survives_any_text(fmtune_tiny_model, monkeypatch):
     assert [r["output"] for r in records] == [real[0], *awkward]
     assert [r["input"] for r in records] == PROMPTS[:1] + ["p"] * len(awkward)
     assert res.stdout.isascii()
+
+
+def test_base_model_name_or_path_replaces_the_adapters_base(fmtune_tiny_model, tmp_path):
+    """fms-hf-tuning's inference flag: an adapter trained over a base at another path (another
+    machine) runs over the base given here; its adapter_config.json is left as it was."""
+    import json
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    moved_base = tmp_path / "elsewhere" / "base"
+    shutil.copytree(fmtune_tiny_model, moved_base)
+    tok = AutoTokenizer.from_pretrained(moved_base)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(moved_base), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "elsewhere")  # the recorded base path no longer exists
+    cfg_file = tmp_path / "adapter" / "adapter_config.json"
+    before = cfg_file.read_text()
+    assert json.loads(before)["base_model_name_or_path"] == str(moved_base)
+    peft_model.eval()
+    enc = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = peft_model.generate(**enc, max_new_tokens=6, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    argv = ["generate", "--model", str(tmp_path / "adapter"), "--text", PROMPT,
+            "--max_new_tokens", "6"]
+    assert run_cli(argv).exit_code == 2  # the recorded base is gone
+    res = run_cli([*argv, "--base_model_name_or_path", fmtune_tiny_model])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == expected + "\n"
+    assert cfg_file.read_text() == before
+    res = run_cli(["generate", "--model", fmtune_tiny_model, "--text", PROMPT,
+                   "--base_model_name_or_path", fmtune_tiny_model])
+    assert res.exit_code == 2 and "is not an adapter folder" in res.stderr

@@ -38,6 +38,8 @@ def test_first_party_declarations_name_installed_plugins():
     (["--trainer_controller_config_file", "rules.yaml"], ["trainer_controller"]),
     (["--quantization_method", "mxfp4"], ["mxfp4"]),
     (["--plugins", "qlora", "--peft_method", "lora"], ["qlora"]),  # its own family decides
+    (["--training_data_path", "data/Twitter_tokenized.ARROW"], ["data_handlers"]),  # pattern
+    (["--training_data_path", "data/train.jsonl"], []),  # the core reads JSON/JSONL
 ])
 def test_flags_activate_their_plugin(argv, plugins):
     assert activated(*argv) == plugins

@@ -265,6 +265,9 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--chat_template", help="Jinja chat template for --chat (a string, or a "
                         "file holding one)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--base_model_name_or_path", help="for an adapter folder: load it over "
+                        "this base model instead of the one its adapter_config.json names "
+                        "(fms-hf-tuning's inference flag); nothing on disk is changed")
     _trust_flag(parser)
     args = parser.parse_args(argv)
     import os
@@ -281,7 +284,8 @@ def cmd_generate(argv: list[str]) -> int:
     if template and os.path.isfile(template):
         with open(template, encoding="utf-8") as f:
             template = f.read()
-    model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model, args.trust_remote_code,
+                                          args.base_model_name_or_path)
     prompts = render_chat(tokenizer, texts, template, args.model) if args.chat else texts
     outputs = generate(model, tokenizer, prompts, args.max_new_tokens,
                        add_special_tokens=not args.chat)

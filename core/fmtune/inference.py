@@ -9,7 +9,8 @@ from typing import Any
 from .config import ConfigError
 
 
-def load_for_inference(path: str, trust_remote_code: bool = False):
+def load_for_inference(path: str, trust_remote_code: bool = False,
+                       base_model_name_or_path: str | None = None):
     """``(model, tokenizer)`` from a full-model folder or a peft adapter folder.
 
     Whatever a library prints while loading (gptqmodel prints its banner and kernel choice on
@@ -18,10 +19,10 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
     import sys
 
     with contextlib.redirect_stdout(sys.stderr):
-        return _load(path, trust_remote_code)
+        return _load(path, trust_remote_code, base_model_name_or_path)
 
 
-def _load(path: str, trust_remote_code: bool):
+def _load(path: str, trust_remote_code: bool, base_override: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hub import from_pretrained
@@ -29,7 +30,12 @@ def _load(path: str, trust_remote_code: bool):
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: no such model folder")
     adapter_cfg = os.path.join(path, "adapter_config.json")
-    if os.path.isfile(adapter_cfg):
+    if base_override and not os.path.isfile(adapter_cfg):
+        raise ConfigError(f"--base_model_name_or_path: {path} is not an adapter folder (no "
+                          "adapter_config.json); only an adapter's base can be replaced")
+    if base_override:
+        model, tokenizer = _adapter_on(path, base_override, trust_remote_code)
+    elif os.path.isfile(adapter_cfg):
         from peft import AutoPeftModelForCausalLM
 
         with open(adapter_cfg, encoding="utf-8") as f:
@@ -58,6 +64,30 @@ def _load(path: str, trust_remote_code: bool):
                           "(adapter_config.json)")
     model.eval()
     return model, tokenizer
+
+
+def _adapter_on(path: str, base: str, trust_remote_code: bool):
+    """The adapter in ``path`` over ``base`` instead of the base its adapter_config.json names
+    (fms-hf-tuning's ``run_inference.py --base_model_name_or_path``: a machine-specific path
+    saved at training time). Nothing on disk is changed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_plugins.model import fit_to_tokenizer
+    from .hub import from_pretrained
+
+    tok_src = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tok_src, "tokenizer",
+                                trust_remote_code=trust_remote_code)
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, base, "base model",
+                            trust_remote_code=trust_remote_code)
+    fit_to_tokenizer(model, tokenizer)
+    try:
+        return PeftModel.from_pretrained(model, path), tokenizer
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: the adapter does not fit the base model {base}: "
+                          f"{first}") from None
 
 
 def read_prompts(path: str) -> list[str]:

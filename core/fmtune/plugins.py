@@ -9,6 +9,7 @@ implementations are ``trylast``. No torch here.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import weakref
 from dataclasses import dataclass
@@ -115,7 +116,8 @@ class Implication:
     ``fmtune.implied_by`` of the plugin's distribution (``"peft_method:lora" = "lora"``,
     ``"data_config_path" = "data_handlers"``): ``OPTION`` alone, any value of the option asks
     for the plugin (it owns the option); ``OPTION:VALUE``, only that value (case-insensitive;
-    ``true`` also matches yes/1/on). Read from metadata: nothing is imported."""
+    ``true`` also matches yes/1/on); a VALUE with ``*`` is a pattern for the whole value
+    (``"training_data_path:*.arrow"``). Read from metadata: nothing is imported."""
 
     option: str
     value: str | None
@@ -167,8 +169,11 @@ def implied(yaml_values: dict, cli_pairs: list, active: list[str]) -> list[tuple
                 and s.plugin in available and s.distribution not in active_dists]
         hits = [s for s in mine if s.value is None]  # the option is the plugin's: any value
         for word in words:  # in the order the user wrote them
-            hits += [s for s in mine if s.value is not None and (
+            hits += [s for s in mine if s.value is not None and "*" not in s.value and (
                 s.value == word or (s.value in _TRUE_WORDS and word in _TRUE_WORDS))]
+        for value in values:  # patterns match whole values (paths may hold commas)
+            hits += [s for s in mine if s.value and "*" in s.value
+                     and fnmatch.fnmatchcase(str(value).lower(), s.value)]
         for spec in hits:
             if spec.plugin not in dict(found):
                 found.append((spec.plugin, f"--{option}" + (f" {spec.value}" if spec.value

@@ -37,12 +37,25 @@ class DataError(ConfigError):
     """Bad training data: names the file, the record and the field."""
 
 
+OTHER_FORMATS = (".arrow", ".parquet", ".csv", ".tsv", ".feather")
+
+
 def read_records(path: str) -> list[dict[str, Any]]:
     """Records of a .json (list of objects) or .jsonl file; errors name file and line."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: data file not found")
-    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() in OTHER_FORMATS:
+        raise DataError(f"{path}: the core reads JSON and JSONL records only; a {p.suffix} file "
+                        "needs a data plugin that reads it (`fmtune plugins` lists the installed "
+                        "ones; the data plugin a file type asks for is activated when installed)")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                        f"{e.start}); convert the file to UTF-8") from None
     records: list[dict[str, Any]] = []
     if p.suffix == ".json" and text.lstrip().startswith("["):
         try:

@@ -125,8 +125,19 @@ def _problems_for(config):
     from fmtune.batching import problems as batch_problems
 
     problems.extend(batch_problems(config))
-    if config.learning_rate is not None and config.learning_rate < 0:
-        problems.append(f"learning_rate must be >= 0, got {config.learning_rate}")
+    if config.learning_rate is not None and not 0 <= config.learning_rate < float("inf"):
+        problems.append(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
+    if config.max_steps == 0 or config.max_steps < -1:
+        problems.append(f"max_steps must be a positive number of steps (or -1: train "
+                        f"num_train_epochs epochs), got {config.max_steps}")
+    elif config.max_steps == -1 and not 0 < config.num_train_epochs < float("inf"):
+        problems.append(f"num_train_epochs must be > 0 (or give max_steps), got "
+                        f"{config.num_train_epochs}: nothing would be trained")
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = config.get(name)
+        if value is not None and not 0 < value < float("inf"):
+            problems.append(f"{name} must be > 0 (a float below 1 is a ratio of all steps), "
+                            f"got {value}")
     if not 0 <= config.warmup_ratio < 1:
         problems.append(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
     if config.random_init_weights and config.model_name_or_path and os.path.isdir(
