@@ -113,3 +113,25 @@ def test_values_that_would_train_nothing_or_diverge_are_refused(argv, needle, tm
     # max_steps overrides epochs, as in transformers
     c = parse("--num_train_epochs", "0", "--max_steps", "3")
     assert (c.num_train_epochs, c.max_steps) == (0.0, 3)
+
+
+def test_fms_acceleration_flags_are_refused_with_what_to_use(tmp_path):
+    from fmtune.testing import run_cli
+
+    res = run_cli(["train", *BASE[:2], "--output_dir", str(tmp_path / "o"),
+                   "--training_data_path", "d.jsonl", "--multipack", "16"])
+    assert res.exit_code == 2
+    assert ("multipack: fms-acceleration's multipack is not part of fmtune; --packing true packs "
+            "examples into max_seq_length rows") in res.stderr
+
+
+def test_embedding_size_multiple_of(fmtune_tiny_model, tmp_path):
+    """fms-hf-tuning's embedding_size_multiple_of: rows rounded up after the tokenizer grew."""
+    from fmtune.testing import DEMO_RECORDS, train, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", DEMO_RECORDS)
+    rec = train(["train", "--model_name_or_path", fmtune_tiny_model, "--training_data_path", data,
+                 "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
+                 "--embedding_size_multiple_of", "64"])
+    rows = rec.model.get_input_embeddings().weight.shape[0]
+    assert rows % 64 == 0 and rows >= 400 > rows - 64

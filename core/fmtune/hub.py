@@ -60,7 +60,7 @@ def remote_code_refused(what: str, path: str) -> str:
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: str, trust_remote_code: bool = False, cache_dir: str | None = None) -> Any:
     """The tokenizer of a folder or hub id, as ``AutoTokenizer`` resolves it.
 
     A local folder that declares transformers' generic fast tokenizer (``tokenizer.json``,
@@ -76,8 +76,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
         return from_pretrained(TokenizersBackend.from_pretrained, path, "tokenizer")
     from transformers import AutoTokenizer
 
+    extra = {"cache_dir": cache_dir} if cache_dir else {}
     return from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer",
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, **extra)
 
 
 def generic_fast_tokenizer(path: str) -> bool:

@@ -93,7 +93,7 @@ def load_tokenizer(config):
         from fmtune.hub import load_tokenizer as load
 
         tok = load(config.tokenizer_name_or_path or config.model_name_or_path,
-                   trust_remote_code=config.trust_remote_code)
+                   trust_remote_code=config.trust_remote_code, cache_dir=config.get("cache_dir"))
     if tok.pad_token is None:
         if tok.eos_token is None:
             from fmtune.config import ConfigError
@@ -134,17 +134,27 @@ def load_model(config, tokenizer):
                                                  **kwargs)
         log.info("built %s with random weights (seed %d)", type(model).__name__, config.seed)
     else:
+        if config.get("cache_dir"):
+            kwargs["cache_dir"] = config.cache_dir
         model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model",
                                 trust_remote_code=config.trust_remote_code, dtype=dtype, **kwargs)
-    return fit_to_tokenizer(model, tokenizer)
+    return fit_to_tokenizer(model, tokenizer, config)
 
 
-def fit_to_tokenizer(model, tokenizer):
+def fit_to_tokenizer(model, tokenizer, config=None):
     """What every model loader does after loading (plugins' loaders too): embeddings resized
-    to the tokenizer's size, generation pad/eos ids from the tokenizer."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        log.info("resizing embeddings to the tokenizer's %d tokens", len(tokenizer))
-        model.resize_token_embeddings(len(tokenizer))
+    to the tokenizer's size (rounded up to ``embedding_size_multiple_of`` when the run's
+    ``config`` sets it, as fms-hf-tuning does), generation pad/eos ids from the tokenizer."""
+    multiple = int(config.get("embedding_size_multiple_of") or 1) if config is not None else 1
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows or (multiple > 1 and rows % multiple):
+        target = -(-max(len(tokenizer), rows) // multiple) * multiple
+        log.info("resizing embeddings to %d rows (tokenizer: %d tokens%s)", target,
+                 len(tokenizer), f", a multiple of {multiple}" if multiple > 1 else "")
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=(
+            multiple if multiple > 1 else None))
+        if model.get_input_embeddings().weight.shape[0] < target:
+            model.resize_token_embeddings(target)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id

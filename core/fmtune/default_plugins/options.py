@@ -11,6 +11,20 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
               "cosine_with_min_lr", "warmup_stable_decay")
 STRATEGIES = ("no", "steps", "epoch")
+# fms-hf-tuning flags served by its optional fms-acceleration framework (GPU kernels and
+# samplers); fms-hf-tuning refuses them too when that framework is not installed
+FMS_ACCELERATION = {
+    "multipack": "--packing true packs examples into max_seq_length rows and --padding_free "
+                 "true drops padding.",
+    "fast_moe": "mixture-of-experts models train with transformers' own expert layers.",
+    "fused_lora": "--plugins gptq,lora trains LoRA over GPTQ checkpoints.",
+    "fast_kernels": "use --use_liger_kernel (transformers' Liger kernels) where installed.",
+    "fast_loss": "use --use_liger_kernel (transformers' Liger kernels) where installed.",
+    "fast_rms_layernorm": "use --use_liger_kernel (transformers' Liger kernels) where installed.",
+    "fast_rope_embeddings": "use --use_liger_kernel (transformers' Liger kernels) where "
+                            "installed.",
+    "bnb_qlora": "--plugins qlora trains LoRA over a bitsandbytes 4-bit base.",
+}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN = ("eager", "sdpa", "flash_attention_2")
 
@@ -97,6 +111,17 @@ def _core_options(register):
     # fms-hf-tuning's tracker selection
     register("trackers", list, None, "Trackers to report to (fms-hf-tuning): each names a "
              "tracker plugin, which is activated when installed.")
+    register("embedding_size_multiple_of", int, 1, "Resize the embeddings to a multiple of this "
+             "many rows after the tokenizer grows (fms-hf-tuning; e.g. 64 for tensor cores).")
+    register("cache_dir", str, None, "Where downloaded models and tokenizers are cached "
+             "(default: the Hugging Face cache).")
+    register("enable_reduce_loss_sum", bool, False, "fms-hf-tuning's sum loss reduction: "
+             "transformers 5 already sums the loss over the tokens of every micro-batch and "
+             "device and divides once (num_items_in_batch, average_tokens_across_devices), so "
+             "it is accepted and changes nothing.")
+    for name, instead in FMS_ACCELERATION.items():
+        register(name, list, None, f"fms-acceleration's {name}: not part of fmtune (an error "
+                 f"when set); {instead}")
     register("include_tokens_per_second", bool, False, "fms-hf-tuning's flag (a "
              "TrainingArguments field of transformers 4): fmtune always reports tokens/s "
              "(run_summary.json, the closing line), so it is accepted and changes nothing.")
@@ -152,6 +177,10 @@ def _problems_for(config):
         if not os.path.isfile(path):
             problems.append(f"tokenizer_train_files: {path} not found")
     problems.extend(_attn_problems(config))
+    for name, instead in FMS_ACCELERATION.items():
+        if config.get(name):
+            problems.append(f"{name}: fms-acceleration's {name} is not part of fmtune; "
+                            f"{instead}")
     for tracker in config.get("trackers") or []:
         if tracker not in config.plugins and tracker != "none":
             from fmtune.plugins import installed

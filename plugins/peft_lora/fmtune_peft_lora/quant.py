@@ -88,7 +88,7 @@ def load_quantized(config, tokenizer):
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
     if config.random_init_weights:
         model.config._name_or_path = path
-    fit_to_tokenizer(model, tokenizer)
+    fit_to_tokenizer(model, tokenizer, config)
     switched = keep_generic_cpu_path(model)
     if switched:
         log.info("%d 4-bit layers are too narrow for bitsandbytes' packed CPU kernels: they use "

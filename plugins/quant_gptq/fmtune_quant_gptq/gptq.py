@@ -161,4 +161,4 @@ def load_gptq(config, tokenizer):
              ", ".join(sorted(layers)), model.dtype)
     from fmtune.default_plugins.model import fit_to_tokenizer
 
-    return fit_to_tokenizer(model, tokenizer)
+    return fit_to_tokenizer(model, tokenizer, config)

@@ -97,7 +97,7 @@ def load_mxfp4(config, tokenizer):
              model.dtype)
     from fmtune.default_plugins.model import fit_to_tokenizer
 
-    return fit_to_tokenizer(model, tokenizer)
+    return fit_to_tokenizer(model, tokenizer, config)
 
 
 def forget_mxfp4_conversion(model) -> None:
