@@ -213,9 +213,22 @@ def _lora_config(model, config, tokenizer, method):
                                  and config.modules_to_save),
     )
     check_modules_to_save(model, config.modules_to_save)
+    if config.get("exclude_modules"):
+        kwargs["exclude_modules"] = list(config.exclude_modules)
+    if config.get("layers_to_transform"):
+        kwargs["layers_to_transform"] = [_layer_index(v) for v in config.layers_to_transform]
+    if config.get("layers_pattern"):
+        kwargs["layers_pattern"] = list(config.layers_pattern)
     if method == "alora":
         kwargs["alora_invocation_tokens"] = invocation_tokens(config, tokenizer)
     return LoraConfig(**kwargs)
+
+
+def _layer_index(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"layers_to_transform: {value!r} is not a layer index") from None
 
 
 def _prompt_tuning_config(config, tokenizer):

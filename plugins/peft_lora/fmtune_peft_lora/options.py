@@ -63,6 +63,15 @@ LORA = (
          "orthogonal, pissa, pissa_niter_N (fast SVD with N iterations), olora. PiSSA and "
          "OLoRA change the base weights while training; the saved adapter is converted to a "
          "plain LoRA on the original base."),
+    # peft LoraConfig fields fms-hf-tuning exposes with the same names
+    Spec("exclude_modules", list, None,
+         "Module names (or one regex) peft must not adapt, even when target_modules matches "
+         "them."),
+    Spec("layers_to_transform", list, None,
+         "Layer indices to adapt (others stay as they are); with layers_pattern when the "
+         "model's layer list is not named layers/h/blocks."),
+    Spec("layers_pattern", list, None, "Name of the model's list of layers, for "
+         "layers_to_transform."),
     Spec("lora_post_process_for_vllm", bool, False,
          "After saving, also write OUTPUT/vllm: the adapter in the layout vLLM loads (new-token "
          "embeddings in new_embeddings.safetensors). Checked before training: settings vLLM "

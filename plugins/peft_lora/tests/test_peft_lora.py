@@ -283,3 +283,22 @@ def test_failed_pissa_run_leaves_no_initial_adapter_behind(fmtune_tiny_model, da
                                         "lora", "--init_lora_weights", "pissa", "--max_steps", "2"),
                 plugins=[Boom()])
     assert Boom.folder and not os.path.exists(Boom.folder)  # removed by on_train_error
+
+
+def test_exclude_modules_and_layers_to_transform(fmtune_tiny_model, data, tmp_path, peft_helpers):
+    """peft LoraConfig fields fms-hf-tuning exposes: exclude_modules, layers_to_transform."""
+    import json
+
+    rec = peft_helpers.train(peft_helpers.train_args(
+        fmtune_tiny_model, data, tmp_path / "out", "--peft_method", "lora", "--max_steps", "1",
+        "--target_modules", "all-linear", "--exclude_modules", "o_proj", "down_proj",
+        "--layers_to_transform", "1"))
+    adapted = sorted(n.removeprefix("base_model.model.model.") for n, m in
+                     rec.model.named_modules() if hasattr(m, "lora_A") and "lora_A" not in n
+                     and "lora_B" not in n)
+    assert adapted == [f"layers.1.{m}" for m in ("mlp.gate_proj", "mlp.up_proj",
+                                                 "self_attn.k_proj", "self_attn.q_proj",
+                                                 "self_attn.v_proj")]
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1] and sorted(cfg["exclude_modules"]) == [
+        "down_proj", "o_proj"]
