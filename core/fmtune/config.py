@@ -216,12 +216,84 @@ class Config:
         return f"Config({self._values!r})"
 
 
+# a YAML file may reuse a node through anchors and aliases; the document it expands to is
+# bounded (a few hundred bytes of nested aliases can otherwise expand to gigabytes)
+YAML_MAX_NODES = 200_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (the second would
+    silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes in the document once every alias is expanded; raises yaml.YAMLError past
+    YAML_MAX_NODES or for a recursive alias. Shared nodes are counted once per use, in time
+    proportional to the distinct nodes (memoized)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            active.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > YAML_MAX_NODES:
+                raise yaml.YAMLError(f"the document expands to more than {YAML_MAX_NODES:,} "
+                                     "values through anchors and aliases; refused")
+            continue
+        if key in active:
+            raise yaml.YAMLError("an alias refers to a node that contains it (a recursive "
+                                 "document); refused")
+        active.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse one YAML document safely: plain data only (safe loader), a key written twice in a
+    mapping refused, and the size the document expands to through aliases bounded. Errors are
+    ``yaml.YAMLError`` (with ``problem``/``problem_mark`` where the parser gives them)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml_text(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
-from fmtune.config import suggest
+from fmtune.config import load_yaml_text, suggest
 
 from .events import TRIGGER_ALIASES, TRIGGERS, UNSUPPORTED_TRIGGERS
 from .metrics import Metric
@@ -113,7 +113,7 @@ def load(path: str, metric_classes: dict[str, type], operation_classes: dict[str
     except (OSError, UnicodeDecodeError) as e:
         raise LoadError([f"{path}: cannot read the trainer controller config file: {e}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
