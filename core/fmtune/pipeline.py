@@ -199,10 +199,21 @@ def peak_rss_mb() -> float:
 
 def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     """Run a whole training; return the run summary (also written to output_dir)."""
+    from . import runlock
+
+    validate(config, pm)
+    # one run per output_dir (the main process holds the lock; the others share its folder)
+    lock = runlock.acquire(config.output_dir) if distributed.is_main_process() else None
+    try:
+        return _train(config, pm)
+    finally:
+        runlock.release(lock)
+
+
+def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     import torch
 
     start = time.perf_counter()
-    validate(config, pm)
     run = Run(config=config, pm=pm, output_dir=config.output_dir, answered=record_answers(pm))
     distributed.check_launcher(config)
     distributed.setup_process()
