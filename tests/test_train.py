@@ -190,3 +190,30 @@ def test_bad_data_leaves_nothing_behind(fmtune_tiny_model, tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip() == f"fmtune: error: {bad}:2: missing field 'output'"
     assert not (tmp_path / "o").exists()
+
+
+def test_divergence_is_a_failure_and_keeps_the_last_good_checkpoint(fmtune_tiny_model, tmp_path):
+    """A loss that becomes NaN stops the run: exit 3, one line, no final model written over the
+    last good checkpoint (transformers would log 0.0 and report success)."""
+    import json
+    import os
+
+    from fmtune.testing import DEMO_RECORDS, run_cli, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", DEMO_RECORDS)
+    out = tmp_path / "out"
+    res = run_cli(["train", "--model_name_or_path", fmtune_tiny_model, "--training_data_path",
+                   data, "--output_dir", str(out), "--max_steps", "6", "--logging_steps", "1",
+                   "--per_device_train_batch_size", "2", "--learning_rate", "1e30",
+                   "--max_grad_norm", "0", "--save_strategy", "steps", "--save_steps", "1"])
+    assert res.exit_code == 3, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("fmtune: error:")]
+    assert len(errors) == 1 and "training diverged at step" in errors[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not (out / "model.safetensors").exists()
+    logged = [json.loads(line) for line in (out / "training_logs.jsonl").read_text().splitlines()]
+    checkpoints = sorted(int(d.split("-")[1]) for d in os.listdir(out) if d.startswith("checkpoint-"))
+    bad_step = next(r["data"]["step"] for r in logged if r["data"]["value"] != r["data"]["value"]
+                    or abs(r["data"]["value"]) == float("inf"))
+    assert checkpoints and max(checkpoints) < bad_step
+    assert f"checkpoint-{max(checkpoints)}" in errors[0]

@@ -466,6 +466,13 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
     except ConfigError as e:
         print(f"fmtune: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the training itself failed (not the input): exit 3
+        from .pipeline import TrainingDiverged
+
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"fmtune: error: {e}", file=sys.stderr)
+        return 3
     except BrokenPipeError:  # `fmtune train --help | head`
         sys.stderr.close()
         return 0

@@ -44,6 +44,7 @@ class Run:
     world_size: int = 1
     is_main_process: bool = True
     tokens_at_start: int = 0
+    diverged: str | None = None  # where the loss became NaN/inf (the run then fails)
     timings: dict[str, float] = field(default_factory=dict)
     # firstresult hook -> {"answered_by": plugin, "wrappers": [plugins]} (run_summary.json)
     answered: dict[str, dict] = field(default_factory=dict)
@@ -67,6 +68,21 @@ def _required(value: Any, hook: str) -> Any:
     if value is None:
         raise RuntimeError(f"no plugin answered {hook}")
     return value
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the CLI prints it and exits 3."""
+
+
+def nonfinite(logs: dict) -> str | None:
+    """``"loss nan"`` (or grad_norm) when a logged training value is NaN or infinite."""
+    import math
+
+    for key in ("loss", "grad_norm"):
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"{key} {value}"
+    return None
 
 
 def make_callback(run: Run):
@@ -100,6 +116,13 @@ def make_callback(run: Run):
             return self._merge(control, run.pm.hook.on_epoch_end(run=run))
 
         def on_log(self, args, state, control, logs=None, **kw):
+            bad = nonfinite(logs or {})
+            if bad and run.config.get("stop_on_nonfinite_loss", True) and not run.diverged:
+                run.diverged = f"step {state.global_step}: {bad}"
+                control.should_training_stop = True
+                control.should_save = False  # keep the last good checkpoint as the newest
+            if run.diverged:
+                control.should_save = False
             return self._merge(control, run.pm.hook.on_log(run=run, logs=dict(logs or {})))
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
@@ -146,6 +169,7 @@ def training_arguments(config: Config):
         fp16=dtype == torch.float16 and torch.cuda.is_available(),
         report_to=[],
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run)
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
@@ -259,6 +283,15 @@ def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     try:
         result = run.trainer.train(resume_from_checkpoint=run.resumed_from)
         run.timings["train_s"] = time.perf_counter() - t
+        if run.diverged:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            kept = get_last_checkpoint(config.output_dir) if os.path.isdir(
+                config.output_dir) else None
+            raise TrainingDiverged(
+                f"training diverged at {run.diverged}; stopped, final model not saved"
+                + (f"; the last checkpoint before it is {kept}" if kept else "")
+                + " (lower --learning_rate, or --stop_on_nonfinite_loss false to go on)")
         distributed.full_state_dict_for_final_save(run.trainer)  # FSDP: gather, on every rank
         saved = pm.hook.save(model=run.trainer.model, tokenizer=run.tokenizer,
                              output_dir=save_dir, config=config, trainer=run.trainer)

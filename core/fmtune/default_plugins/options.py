@@ -108,6 +108,9 @@ def _core_options(register):
     register("resume_from_checkpoint", str, "auto", "auto: resume from the latest checkpoint in "
              "output_dir if any; false: start over; or a checkpoint path.")
     register("use_cpu", bool, False, "Train on CPU even when a GPU is present.")
+    register("stop_on_nonfinite_loss", bool, True, "Stop the run, without saving the final "
+             "model, when a logged loss or gradient norm is NaN or infinite (exit code 3; the "
+             "last checkpoint before it is kept). false: train on.")
     # fms-hf-tuning's tracker selection
     register("trackers", list, None, "Trackers to report to (fms-hf-tuning): each names a "
              "tracker plugin, which is activated when installed.")
