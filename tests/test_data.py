@@ -136,3 +136,31 @@ def test_non_utf8_and_binary_files_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"tokenized.arrow: the core reads JSON and JSONL records "
                                         r"only; a .arrow file needs a data plugin"):
         read_records(str(arrow))
+
+
+def test_paths_checked_before_anything_loads(tmp_path):
+    """A file where a folder goes, a missing data file, a model path typo, an output_dir inside
+    the data folder: one line each, exit 2, before torch or the tokenizer load."""
+    from fmtune.testing import run_cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "data").mkdir()
+    cases = [
+        (["--output_dir", str(afile)], f"output_dir {afile} is a file, not a folder"),
+        (["--output_dir", str(afile / "sub")], f"{afile} is a file, so the folder cannot be "
+                                                "created"),
+        (["--save_model_dir", str(afile)], f"save_model_dir {afile} is a file"),
+        (["--model_name_or_path", "./typo-model"], "model_name_or_path ./typo-model: no such "
+                                                   "folder"),
+        (["--training_data_path", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--training_data_path", str(tmp_path / "data"), "--output_dir",
+          str(tmp_path / "data" / "run")], "is inside training_data_path"),
+    ]
+    for extra, needle in cases:
+        argv = ["train", "--model_name_or_path", str(tmp_path), "--training_data_path",
+                str(afile), "--output_dir", str(tmp_path / "out"), *extra]
+        res = run_cli(argv)
+        assert res.exit_code == 2 and needle in res.stderr, (extra, res.stderr)
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "run").exists()

@@ -180,6 +180,7 @@ def _problems_for(config):
         if not os.path.isfile(path):
             problems.append(f"tokenizer_train_files: {path} not found")
     problems.extend(_attn_problems(config))
+    problems.extend(_path_problems(config))
     for name, instead in FMS_ACCELERATION.items():
         if config.get(name):
             problems.append(f"{name}: fms-acceleration's {name} is not part of fmtune; "
@@ -195,6 +196,49 @@ def _problems_for(config):
     if rfc not in ("auto", "true", "false", "none") and not os.path.isdir(config.resume_from_checkpoint):
         problems.append(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a folder "
                         "(use auto, false, or a checkpoint path)")
+    return problems
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv")
+
+
+def _folder_problem(name: str, path: str) -> str | None:
+    """Why ``path`` cannot be (or become) a folder fmtune writes into, or None."""
+    if os.path.exists(path):
+        return None if os.path.isdir(path) else f"{name} {path} is a file, not a folder"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{name} {path}: {parent} is a file, so the folder cannot be created"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{name} {path}: cannot create it, {parent} is not writable"
+    return None
+
+
+def _path_problems(config) -> list[str]:
+    """Paths checked before anything loads (a typo used to surface after minutes of work)."""
+    problems = []
+    for name in ("output_dir", "save_model_dir"):
+        if config.get(name):
+            found = _folder_problem(name, config.get(name))
+            if found:
+                problems.append(found)
+    model = config.model_name_or_path
+    if model and not os.path.exists(model) and (
+            model.startswith((".", "/", "~")) or model.count("/") > 1):
+        problems.append(f"model_name_or_path {model}: no such folder (a hub id is written "
+                        "org/name)")
+    for name in ("training_data_path", "validation_data_path"):
+        path = config.get(name)
+        if (isinstance(path, str) and path.lower().endswith(DATA_SUFFIXES)
+                and not any(c in path for c in "*?[") and not os.path.exists(path)):
+            problems.append(f"{name} {path}: no such file")
+        if isinstance(path, str) and os.path.isdir(path) and config.get("output_dir"):
+            data, out = os.path.realpath(path), os.path.realpath(config.output_dir)
+            if out == data or out.startswith(data + os.sep):
+                problems.append(f"output_dir {config.output_dir} is inside {name} {path}: the "
+                                "next run would read its files as data; choose a folder outside")
     return problems
 
 
