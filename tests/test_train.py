@@ -217,3 +217,31 @@ def test_divergence_is_a_failure_and_keeps_the_last_good_checkpoint(fmtune_tiny_
                     or abs(r["data"]["value"]) == float("inf"))
     assert checkpoints and max(checkpoints) < bad_step
     assert f"checkpoint-{max(checkpoints)}" in errors[0]
+
+
+@pytest.mark.parametrize("tear", ["no_state", "truncated_weights", "truncated_header",
+                                  "empty_optimizer", "bad_state_json"])
+def test_resume_skips_torn_checkpoints(fmtune_tiny_model, data, tmp_path, tear):
+    """A run killed while writing its newest checkpoint: resume takes the newest complete one,
+    says which it skipped and why, and ends like an uninterrupted run."""
+    out = tmp_path / "out"
+    args = base_args(fmtune_tiny_model, data, out, "--save_strategy", "steps", "--save_steps", "2",
+                     "--logging_steps", "1")
+    assert run_cli([*args, "--max_steps", "4"]).exit_code == 0
+    ck = out / "checkpoint-4"
+    if tear == "no_state":
+        (ck / "trainer_state.json").unlink()
+    elif tear == "bad_state_json":
+        (ck / "trainer_state.json").write_text('{"global_st')
+    elif tear == "truncated_weights":
+        weights = ck / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif tear == "truncated_header":
+        (ck / "model.safetensors").write_bytes(b"\x00\x10\x00\x00\x00\x00\x00\x00{")
+    else:
+        (ck / "optimizer.pt").write_bytes(b"")
+    res = run_cli([*args, "--max_steps", "6"])
+    assert res.exit_code == 0, res.stderr[-2000:]
+    assert f"not resuming from {ck}: " in res.stderr
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["global_step"] == 6

@@ -197,14 +197,81 @@ def find_resume(config: Config) -> str | None:
     if value.lower() in ("false", "none"):
         return None
     if value.lower() in ("auto", "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        last = newest_complete_checkpoint(config.output_dir)
         if last is None and value.lower() == "true":
             log.warning("resume_from_checkpoint=true but %s holds no checkpoint: starting fresh",
                         config.output_dir)
         return last
     return value
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why ``folder`` (a ``checkpoint-N``) cannot be resumed from, or None: a run killed while
+    saving leaves one without its trainer state, weights or optimizer, or with truncated ones."""
+    from .files import read_json_object
+
+    state = read_json_object(os.path.join(folder, "trainer_state.json"))
+    if state is None or not isinstance(state.get("global_step"), int):
+        return "trainer_state.json missing or unreadable"
+    weights = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    if not weights:
+        return "no model weights"
+    for name in weights:
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            why = _safetensors_problem(path)
+            if why:
+                return f"{name} {why}"
+        elif os.path.getsize(path) == 0:
+            return f"{name} empty"
+    optimizer = os.path.join(folder, "optimizer.pt")
+    if not state.get("save_only_model", False) and os.path.exists(optimizer) and \
+            os.path.getsize(optimizer) == 0:
+        return "optimizer.pt empty"
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte
+    range, then the data: all of it must be there."""
+    import json
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                return "truncated (header)"
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "unreadable"
+    return "truncated (data)" if 8 + length + end > size else None
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that is complete; the newer incomplete ones
+    are logged with the reason and skipped."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == "checkpoint" and step.isdigit() and os.path.isdir(
+                os.path.join(output_dir, name)):
+            found.append((int(step), os.path.join(output_dir, name)))
+    for _, folder in sorted(found, reverse=True):
+        why = checkpoint_problem(folder)
+        if why is None:
+            return folder
+        log.warning("not resuming from %s: %s (incomplete, probably killed while saving)",
+                    folder, why)
+    return None
 
 
 def report_error(run: Run, error: BaseException) -> None:
@@ -284,10 +351,7 @@ def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
         result = run.trainer.train(resume_from_checkpoint=run.resumed_from)
         run.timings["train_s"] = time.perf_counter() - t
         if run.diverged:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            kept = get_last_checkpoint(config.output_dir) if os.path.isdir(
-                config.output_dir) else None
+            kept = newest_complete_checkpoint(config.output_dir)
             raise TrainingDiverged(
                 f"training diverged at {run.diverged}; stopped, final model not saved"
                 + (f"; the last checkpoint before it is {kept}" if kept else "")
