@@ -466,13 +466,13 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
     except ConfigError as e:
         print(f"fmtune: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # the training itself failed (not the input): exit 3
-        from .pipeline import TrainingDiverged
+    except Exception as e:  # the training itself failed or was stopped (not the input)
+        from .pipeline import TrainingDiverged, TrainingInterrupted
 
-        if not isinstance(e, TrainingDiverged):
+        if not isinstance(e, (TrainingDiverged, TrainingInterrupted)):
             raise
         print(f"fmtune: error: {e}", file=sys.stderr)
-        return 3
+        return getattr(e, "exit_code", 3)
     except BrokenPipeError:  # `fmtune train --help | head`
         sys.stderr.close()
         return 0

@@ -7,9 +7,12 @@ trainer runs with a callback that turns transformers' events into the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +48,7 @@ class Run:
     is_main_process: bool = True
     tokens_at_start: int = 0
     diverged: str | None = None  # where the loss became NaN/inf (the run then fails)
+    interrupted: int | None = None  # the signal (SIGINT/SIGTERM) that asked the run to stop
     timings: dict[str, float] = field(default_factory=dict)
     # firstresult hook -> {"answered_by": plugin, "wrappers": [plugins]} (run_summary.json)
     answered: dict[str, dict] = field(default_factory=dict)
@@ -72,6 +76,42 @@ def _required(value: Any, hook: str) -> Any:
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the CLI prints it and exits 3."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: a checkpoint was saved at the end of the step; the CLI exits 128+signal
+    (130 for Ctrl-C, 143 for SIGTERM), as a process killed by that signal reports."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: "Run"):
+    """First SIGINT/SIGTERM: finish the step, save a checkpoint, stop (TrainingInterrupted).
+    A second one: the signal's default action, at once. Outside the main thread: untouched."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if run.interrupted is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        run.interrupted = signum
+        log.warning("%s: saving a checkpoint at the end of this step, then stopping (send it "
+                    "again to stop at once)", signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def nonfinite(logs: dict) -> str | None:
@@ -107,6 +147,9 @@ def make_callback(run: Run):
             return self._merge(control, run.pm.hook.on_train_begin(run=run))
 
         def on_step_end(self, args, state, control, **kw):
+            if run.interrupted is not None:
+                control.should_save = True
+                control.should_training_stop = True
             return self._merge(control, run.pm.hook.on_step(run=run))
 
         def on_epoch_begin(self, args, state, control, **kw):
@@ -348,8 +391,15 @@ def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     t = time.perf_counter()
     save_dir = config.save_model_dir or config.output_dir
     try:
-        result = run.trainer.train(resume_from_checkpoint=run.resumed_from)
+        with stop_on_signals(run):
+            result = run.trainer.train(resume_from_checkpoint=run.resumed_from)
         run.timings["train_s"] = time.perf_counter() - t
+        if run.interrupted is not None:
+            name = signal.Signals(run.interrupted).name
+            raise TrainingInterrupted(
+                f"stopped by {name} at step {run.trainer.state.global_step}; checkpoint saved "
+                f"in {newest_complete_checkpoint(config.output_dir)}; rerun the same command to "
+                "resume", run.interrupted)
         if run.diverged:
             kept = newest_complete_checkpoint(config.output_dir)
             raise TrainingDiverged(
