@@ -32,6 +32,8 @@ commands:
   evaluate    exact-match accuracy of greedy outputs on input/output records
   plot        redraw OUTPUT_DIR/loss.png from its training_logs.jsonl
   plugins     list installed plugins, their versions and hooks
+  sft         run a Silogen `finetuning sft` experiment config (fmtune sft CONFIG.yaml)
+  dpo         run a Silogen `finetuning dpo` experiment config (fmtune dpo CONFIG.yaml)
 
 `fmtune train --help [--plugins a,b]` lists every option of the active plugins.
 `--verbose` (with any command) also shows library notices fmtune keeps quiet.
@@ -362,8 +364,20 @@ def cmd_plot(argv: list[str]) -> int:
 # ------------------------------------------------------------------ main
 
 
+def cmd_sft(argv: list[str]) -> int:
+    from . import silogen
+
+    return silogen.cmd("sft", argv)
+
+
+def cmd_silogen_dpo(argv: list[str]) -> int:
+    from . import silogen
+
+    return silogen.cmd("dpo", argv)
+
+
 COMMANDS = {"train": cmd_train, "plugins": cmd_plugins, "generate": cmd_generate,
-            "evaluate": cmd_evaluate, "plot": cmd_plot}
+            "evaluate": cmd_evaluate, "plot": cmd_plot, "sft": cmd_sft}
 COMMAND_GROUP = "fmtune.commands"
 
 
@@ -438,6 +452,10 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
         print(f"fmtune {__version__}")
         return 0
     command = COMMANDS.get(argv[0])
+    if argv[0] == "dpo" and argv[1:2] != ["preview"]:
+        # `fmtune dpo CONFIG.yaml` is Silogen's command; `fmtune dpo preview` stays the dpo
+        # plugin's (a config file named preview is written ./preview)
+        command = cmd_silogen_dpo
     extra = plugin_commands() if command is None else {}
     if command is None and argv[0] not in extra:
         from .config import suggest

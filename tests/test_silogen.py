@@ -1,0 +1,331 @@
+"""Silogen `finetuning` experiment configs run by fmtune (`fmtune sft|dpo CONFIG.yaml`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from fmtune import silogen
+from fmtune.config import ConfigError
+from fmtune.pytest_plugin import DEMO_TEXTS
+from fmtune.testing import build_tiny_model, write_jsonl
+
+# An SFT experiment as Silogen users write them (modelled on the configs in Silogen's tests):
+# LoRA on a bitsandbytes 4-bit base, MLflow tracking to a local store, automatic batch size.
+SFT_CONFIG = """\
+data_conf:
+  chat_template_name: chat-ml
+  training_data:
+    type: CONCATENATION
+    datasets:
+      - path: {data}
+  validation_data:
+    type: NONE
+batchsize_conf:
+  total_train_batch_size: 4
+  max_per_device_train_batch_size: 2
+training_args:
+  use_cpu: true
+  output_dir: {out}
+  learning_rate: 1.0e-3
+  logging_steps: 1
+  logging_strategy: steps
+  lr_scheduler_type: constant
+  max_steps: 2
+  num_train_epochs: -1
+  overwrite_output_dir: true
+  push_to_hub: false
+  report_to: ["none"]
+  save_strategy: "no"
+  eval_strategy: "no"
+sft_args:
+  max_seq_length: 128
+  train_on_completions_only: true
+peft_conf:
+  peft_type: LORA
+  task_type: CAUSAL_LM
+  peft_kwargs:
+    r: 4
+    lora_alpha: 8
+    lora_dropout: 0.0
+    target_modules: [q_proj, v_proj]
+quant_conf:
+  quantization_type: bits-and-bytes
+  load_in_4bit: true
+  bnb_4bit_quant_type: nf4
+  bnb_4bit_compute_dtype: float32
+run_conf:
+  model: {model}
+  model_args:
+    attn_implementation: eager
+    use_cache: false
+  resume_from_checkpoint: false
+tracking:
+  mlflow_server_uri: {mlruns}
+  experiment_name: silogen-demo
+  hf_mlflow_log_artifacts: "False"
+"""
+
+CHAT_ML = silogen.CHAT_TEMPLATES["chat-ml"][0]
+
+
+def sft_expected(model, data, out, mlruns):
+    return {
+        "model_name_or_path": model, "resume_from_checkpoint": "false",
+        "attn_implementation": "eager", "use_cache": False, "max_seq_length": 128,
+        "chat_template": CHAT_ML, "add_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "training_data_path": data, "total_train_batch_size": 4,
+        "max_per_device_train_batch_size": 2, "use_cpu": True, "output_dir": out,
+        "learning_rate": 1e-3, "logging_steps": 1, "logging_strategy": "steps",
+        "lr_scheduler_type": "constant", "max_steps": 2, "num_train_epochs": -1,
+        "push_to_hub": False, "save_strategy": "no", "eval_strategy": "no",
+        "save_model_dir": f"{out}/checkpoint-final", "r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+        "bnb_4bit_compute_dtype": "float32", "mlflow_tracking_uri": mlruns,
+        "mlflow_experiment": "silogen-demo",
+    }
+
+
+def test_translate_sft_lora_4bit_mlflow():
+    data = yaml.safe_load(SFT_CONFIG.format(data="data/train.jsonl", out="/ckpt", model="/base",
+                                            mlruns="file:///tmp/mlruns"))
+    opts, plugins = silogen.translate(data, "sft", "exp.yaml")
+    assert plugins == ["data_handlers", "qlora", "mlflow"]
+    assert opts == sft_expected("/base", "data/train.jsonl", "/ckpt", "file:///tmp/mlruns")
+
+
+def test_translate_defaults_follow_silogen():
+    """Unset keys get Silogen's (peft's, BitsAndBytesConfig's) defaults, not fmtune's."""
+    data = {"data_conf": {"training_data": {"type": "CONCATENATION",
+                                            "datasets": [{"path": "a.jsonl"}]},
+                          "validation_data": {"type": "CONCATENATION",
+                                              "datasets": [{"path": "v.jsonl"}]}},
+            "training_args": {"learning_rate": 1e-4},
+            "overrides": {"lr_multiplier": 2.0, "lr_batch_size_scaling": "sqrt"},
+            "batchsize_conf": {"total_train_batch_size": 16, "max_per_device_train_batch_size": 4},
+            "sft_args": {"train_on_completions_only": True},
+            "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"target_modules": "all-linear"}},
+            "quant_conf": {"quantization_type": "bits-and-bytes", "load_in_4bit": True},
+            "run_conf": {"model": "m", "determinism": "full",
+                         "model_args": {"torch_dtype": "bfloat16"}}}
+    opts, plugins = silogen.translate(data, "sft", "exp.yaml")
+    assert plugins == ["data_handlers", "qlora"]
+    assert opts == {
+        "model_name_or_path": "m", "resume_from_checkpoint": "false", "full_determinism": True,
+        "torch_dtype": "bfloat16", "max_seq_length": 2048,
+        "chat_template": silogen.CHAT_TEMPLATES["mistral-with-system"][0],
+        "training_data_path": "a.jsonl", "validation_data_path": "v.jsonl",
+        "total_train_batch_size": 16, "max_per_device_train_batch_size": 4,
+        "learning_rate": pytest.approx(1e-4 * 2 * 4), "output_dir": "./checkpoints",
+        "save_model_dir": "./checkpoints/checkpoint-final", "r": 8, "lora_alpha": 8,
+        "lora_dropout": 0.0, "target_modules": ["all-linear"], "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "float32"}
+
+
+def test_weighted_mix_and_whole_conversation_become_a_data_config():
+    data = {"data_conf": {"chat_template_name": "keep-original",
+                          "training_data": {"type": "PRECOMPUTE_WEIGHTED_MIX", "datasets": [
+                              {"path": "dolly.jsonl", "sampling_weight": 1.0},
+                              {"path": "oasst.jsonl", "sampling_weight": 0.5}]},
+                          "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.25}},
+            "training_args": {}, "batchsize_conf": {"total_train_batch_size": 8,
+                                                     "max_per_device_train_batch_size": 8},
+            "peft_conf": {"peft_type": "NO_PEFT"}, "run_conf": {"model": "m"}}
+    p = silogen.plan(data, "sft", "exp.yaml")
+    assert p.plugins == ["data_handlers"]
+    assert p.options["data_config_path"] == silogen.DATA_CONFIG
+    assert "training_data_path" not in p.options and "chat_template" not in p.options
+    dc = p.files[silogen.DATA_CONFIG]
+    assert dc["dataprocessor"] == {"type": "default", "sampling_stopping_strategy":
+                                   "all_exhausted", "seed": 19851243}
+    assert [(d["data_paths"], d["sampling"], d["split"]) for d in dc["datasets"]] == [
+        (["dolly.jsonl"], pytest.approx(2 / 3), {"train": 0.75, "validation": 0.25}),
+        (["oasst.jsonl"], pytest.approx(1 / 3), {"train": 0.75, "validation": 0.25})]
+    assert [h["name"] for h in dc["datasets"][0]["data_handlers"]] == [
+        "apply_tokenizer_chat_template", "tokenize"]
+
+
+DPO_CONFIG = {
+    "data_conf": {"chat_template_name": "chat-ml",
+                  "training_data": {"type": "CONCATENATION", "datasets": [{"path": "prefs.jsonl"}]},
+                  "validation_data": {"type": "CONCATENATION",
+                                      "datasets": [{"path": "prefs-valid.jsonl"}]}},
+    "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 2},
+    "training_args": {"output_dir": "/exp/dpo", "learning_rate": 5e-7, "beta": 0.05,
+                      "loss_type": "ipo", "max_length": 1024, "bf16": True,
+                      "report_to": ["mlflow"], "eval_strategy": "steps", "eval_steps": 50},
+    "peft_conf": {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+                  "peft_kwargs": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}},
+    "run_conf": {"model": "/exp/sft/checkpoint-final", "resume_from_checkpoint": "auto"},
+}
+
+
+def test_translate_dpo():
+    p = silogen.plan(DPO_CONFIG, "dpo", "dpo.yaml")
+    assert p.plugins == ["dpo", "mlflow", "lora"]
+    assert p.options == {
+        "model_name_or_path": "/exp/sft/checkpoint-final", "resume_from_checkpoint": "auto",
+        "chat_template": CHAT_ML,  # Silogen's DPO checks the tokenizer has it; adds no tokens
+        "training_data_path": silogen.DPO_TRAIN, "validation_data_path": silogen.DPO_VALID,
+        "total_train_batch_size": 8, "max_per_device_train_batch_size": 2,
+        "output_dir": "/exp/dpo", "learning_rate": 5e-7, "beta": 0.05, "loss_type": ["ipo"],
+        "max_seq_length": 1024, "bf16": True, "eval_strategy": "steps", "eval_steps": 50,
+        "save_model_dir": "/exp/dpo/checkpoint-final", "r": 16, "lora_alpha": 32,
+        "lora_dropout": 0.0, "target_modules": ["q_proj"]}
+    assert p.files == {silogen.DPO_TRAIN: ("preferences", ["prefs.jsonl"]),
+                       silogen.DPO_VALID: ("preferences", ["prefs-valid.jsonl"])}
+    assert silogen.translate(DPO_CONFIG, "dpo", "dpo.yaml") == (p.options, p.plugins)
+
+
+def test_preference_records_are_renamed(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{
+        "dataset": "d", "id": "1",
+        "prompt_messages": [{"role": "user", "content": "hi", "tags": []}],
+        "chosen_messages": [{"role": "assistant", "content": "hello"}],
+        "rejected_messages": [{"role": "assistant", "content": "go away"}]}])
+    out = tmp_path / "out.jsonl"
+    silogen.write_preferences([src], out, "dpo.yaml")
+    assert json.loads(out.read_text()) == {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go away"}]}
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt_messages": []}])
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: missing field 'chosen_messages'"):
+        silogen.write_preferences([str(tmp_path / "bad.jsonl")], out, "dpo.yaml")
+
+
+def _with(path, value, base=None):
+    data = json.loads(json.dumps(base or DPO_CONFIG))
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("path,value,kind,message", [
+    ("peft_conf.peft_kwargs.lora_alhpa", 8, "dpo",
+     "peft_conf.peft_kwargs.lora_alhpa: unknown key (did you mean 'lora_alpha'?)"),
+    ("peft_conf.peft_kwargs.bias", "all", "dpo", "peft_conf.peft_kwargs.bias: 'all' is not "
+     "supported"),
+    ("data_conf.chat_template_name", "chatml", "dpo", "data_conf.chat_template_name: unknown "
+     "chat template 'chatml' (did you mean 'chat-ml'?)"),
+    ("training_args.gradient_accumulation_steps", 4, "dpo",
+     "training_args.gradient_accumulation_steps: computed from batchsize_conf"),
+    ("training_args.learnig_rate", 1e-5, "dpo", "training_args.learnig_rate: not a "
+     "TrainingArguments field of the installed transformers nor an fmtune option (did you mean "
+     "'learning_rate'?)"),
+    ("training_args.rpo_alpha", 0.5, "dpo", "training_args.rpo_alpha: this TRL DPOConfig option"),
+    ("run_conf.determinism", "half", "dpo", "run_conf.determinism: 'half'"),
+    ("run_conf.model_args.device_map", "cuda:1", "dpo", "run_conf.model_args.device_map:"),
+    ("tracking", {"mlflow_server_uri": "file:///x", "experiment_name": "e",
+                  "hf_mlflow_log_artifacts": "True"}, "dpo",
+     "tracking.hf_mlflow_log_artifacts: fmtune's mlflow plugin logs params and metrics"),
+    ("quant_conf", {"quantization_type": "bits-and-bytes", "load_in_4bit": True,
+                    "llm_int8_threshold": 5.0}, "dpo", "quant_conf.llm_int8_threshold: 5.0 is "
+     "not supported"),
+    ("batchsize_conf.total_batch_size", 8, "dpo", "batchsize_conf.total_batch_size: unknown key "
+     "(did you mean 'total_train_batch_size'?)"),
+    ("peft_conf.peft_type", "PROMPT_TUNING", "dpo", "peft_conf.peft_type: 'PROMPT_TUNING' is not "
+     "supported"),
+    ("sft_args", {"max_seq_length": 512}, "dpo", "sft_args: unknown key"),
+    ("method", "sft", "dpo", "method: 'sft' does not match the command 'fmtune dpo'"),
+    ("data_confs", {}, "dpo", "data_confs: unknown key (did you mean 'data_conf'?)"),
+])
+def test_bad_keys_are_one_line_errors(path, value, kind, message):
+    with pytest.raises(ConfigError) as e:
+        silogen.translate(_with(path, value), kind, "exp/dpo.yaml")
+    text = str(e.value)
+    assert text.startswith("exp/dpo.yaml: ") and message in text and "\n" not in text
+
+
+def test_cmd_errors_exit_2_in_one_line(tmp_path, capsys):
+    from fmtune.cli import main
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(_with("peft_conf.peft_kwargs.lora_alhpa", 8)))
+    # the way cli.py runs it: a ConfigError becomes "fmtune: error: ..." and exit 2
+    try:
+        code = silogen.cmd("dpo", [str(cfg)])
+    except ConfigError as e:
+        code, text = 2, str(e)
+    assert code == 2 and text == (f"{cfg}: peft_conf.peft_kwargs.lora_alhpa: unknown key "
+                                  "(did you mean 'lora_alpha'?)")
+    assert main(["plugins"]) == 0  # nothing global broken
+
+
+def test_print_config_is_the_fmtune_yaml(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(SFT_CONFIG.format(data="train.jsonl", out="/ckpt", model="/base",
+                                     mlruns="file:///tmp/mlruns"))
+    assert silogen.cmd("sft", [str(cfg), "--print-config", "--experiment-name", "cli-exp"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = sft_expected("/base", "train.jsonl", "/ckpt", "file:///tmp/mlruns")
+    assert printed == {"plugins": "data_handlers,qlora,mlflow", **expected,
+                       "mlflow_experiment": "cli-exp"}
+
+
+def test_sft_trains_qlora_with_mlflow(tmp_path, monkeypatch):
+    model = build_tiny_model(tmp_path / "model", DEMO_TEXTS)
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        {"dataset": "demo", "id": f"demo-{i}", "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "translate: the red cat sees a dog ="},
+            {"role": "assistant", "content": "le chat rouge voit un chien"}]} for i in range(8)])
+    out, mlruns = tmp_path / "out", tmp_path / "mlruns"
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(SFT_CONFIG.format(data=data, out=out, model=model, mlruns=f"file://{mlruns}"))
+    monkeypatch.chdir(tmp_path)
+    assert silogen.cmd("sft", [str(cfg)]) == 0
+    final = out / "checkpoint-final"  # Silogen's run_conf.final_checkpoint_name
+    assert (final / "adapter_model.safetensors").is_file()
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 2
+    assert summary["total_train_batch_size"] == 4
+    assert summary["per_device_train_batch_size"] == 2
+    assert summary["gradient_accumulation_steps"] == 2
+    assert (out / "mlflow_tracker.json").is_file() and mlruns.is_dir()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("fmtune-silogen")]
+
+
+def test_dpo_trains_lora_on_silogen_preference_records(tmp_path):
+    model = build_tiny_model(tmp_path / "model", DEMO_TEXTS)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"dataset": "d", "id": str(i),
+         "prompt_messages": [{"role": "user", "content": "say cat twice:"}],
+         "chosen_messages": [{"role": "assistant", "content": "cat cat"}],
+         "rejected_messages": [{"role": "assistant", "content": "dog cat"}]} for i in range(4)])
+    out = tmp_path / "dpo"
+    cfg = {"data_conf": {"chat_template_name": "chat-ml",
+                         "training_data": {"type": "CONCATENATION", "datasets": [{"path": prefs}]},
+                         "validation_data": {"type": "NONE"}},
+           "batchsize_conf": {"total_train_batch_size": 2, "max_per_device_train_batch_size": 2},
+           "training_args": {"use_cpu": True, "output_dir": str(out), "max_steps": 1,
+                             "save_strategy": "no", "beta": 0.1, "report_to": ["none"]},
+           "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4,
+                                                             "target_modules": ["q_proj"]}},
+           "run_conf": {"model": model}}
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(cfg))
+    assert silogen.cmd("dpo", [str(tmp_path / "dpo.yaml")]) == 0
+    assert (out / "checkpoint-final" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 1
+
+
+def test_commands_are_routed_from_the_fmtune_cli(tmp_path):
+    """`fmtune sft|dpo CONFIG.yaml` reach this module; `fmtune dpo preview` stays the dpo
+    plugin's sub-command."""
+    from fmtune.testing import run_cli
+
+    missing = tmp_path / "nope.yaml"
+    for kind in ("sft", "dpo"):
+        res = run_cli([kind, str(missing)])
+        assert res.exit_code == 2 and f"{missing}: config file not found" in res.stderr
+    res = run_cli(["dpo", "preview", "--help"])
+    assert res.exit_code == 0 and res.stdout.startswith("usage: fmtune dpo preview")
