@@ -103,8 +103,9 @@ def data(argv: list[str]) -> int:
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     args, rest = ap.parse_known_args(argv[1:])
-    if "--output_dir" not in " ".join(rest):
-        rest += ["--output_dir", os.devnull]  # preview writes nothing
+    if "--output_dir" not in " ".join(rest):  # preview writes nothing; the core wants a folder
+        with tempfile.TemporaryDirectory(prefix="fmtune-preview-") as tmp:
+            return data(argv + ["--output_dir", tmp])
     ready = _setup(rest, "fmtune data preview")
     if ready is None:
         return 0

@@ -12,12 +12,16 @@ A handler is a function plus a kind:
 
 fmtune passes ``tokenizer`` and ``max_seq_length`` to any handler whose
 signature names them. Third-party plugins register handlers with the
-``register_data_handlers(register)`` hook: ``register(name, fn, kind="map")``.
+``register_data_handlers(register)`` hook: ``register(name, fn, kind="map")``;
+``batch_only=True`` declares a map/filter function written for batches only, which
+fmtune then runs on batches even under ``batched: false`` (fms-hf-tuning's configs
+set it on most handlers). For a function of each record alone the rows are the same.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,6 +40,7 @@ class Handler:
     fn: Callable[..., Any]
     kind: str
     plugin: str
+    batch_only: bool = False
 
     def accepts(self, arg: str) -> bool:
         params = inspect.signature(self.fn).parameters
@@ -49,14 +54,15 @@ class Registry:
         self.handlers: dict[str, Handler] = {}
 
     def register_for(self, plugin: str):
-        def register(name: str, fn: Callable[..., Any], kind: str = "map") -> None:
+        def register(name: str, fn: Callable[..., Any], kind: str = "map",
+                     batch_only: bool = False) -> None:
             if kind not in KINDS:
                 raise DataError(f"data handler {name!r} from {plugin}: kind must be one of "
                                 f"{', '.join(KINDS)}, got {kind!r}")
             if name in self.handlers:
                 raise DataError(f"data handler {name!r} is registered by both "
                                 f"{self.handlers[name].plugin} and {plugin}")
-            self.handlers[name] = Handler(name, fn, kind, plugin)
+            self.handlers[name] = Handler(name, fn, kind, plugin, batch_only)
         return register
 
     def get(self, name: str, where: str) -> Handler:
@@ -104,11 +110,15 @@ def jinja_env():
     return _JINJA
 
 
-def render_template(template: str, record: dict, where: str) -> str:
+def render_template(template: str, record: dict, where: str, tokens: dict | None = None) -> str:
+    """Render with the record's fields as names (``{{field}}``), the record itself as
+    ``element`` (``{{element['field with spaces']}}``) and the tokenizer's special tokens
+    (``{{eos_token}}``), as fms-hf-tuning does; a field of the record wins a name clash."""
     from jinja2 import TemplateError, UndefinedError
 
     try:
-        return jinja_env().from_string(template).render(**record)
+        return jinja_env().from_string(template).render({"element": record, **(tokens or {}),
+                                                         **record})
     except UndefinedError as e:
         raise DataError(f"{where}: template field missing: {e.message}") from None
     except TemplateError as e:
@@ -136,49 +146,78 @@ def tokenize_and_apply_input_masking(batch, tokenizer, max_seq_length, input_col
 
 
 def tokenize(batch, tokenizer, max_seq_length, text_column_name="text", response_template=None,
-             add_eos_token=True, **_):
-    """Train on the whole text, or with ``response_template`` only on what follows it."""
+             instruction_template=None, add_eos_token=True, max_length=None, truncation=True,
+             **_):
+    """Train on the whole text, or with ``response_template`` only on what follows it (with
+    ``instruction_template`` too: on each response up to the next instruction, multi-turn).
+
+    Without a response template there is no ``labels`` column (all tokens are trained), so
+    fms-hf-tuning's ``duplicate_columns: input_ids -> labels`` can follow. ``max_length``
+    truncates shorter than ``max_seq_length``; ``truncation: false`` keeps whole texts.
+    """
     texts = _strings(_column(batch, text_column_name, "tokenize"), text_column_name)
     segs, missing = [], []
     for i, text in enumerate(texts):
         if not response_template:
             segs.append([(text, True)])
             continue
-        at = text.find(response_template)
-        if at < 0:
+        s = template_segments(text, instruction_template, response_template)
+        if not any(t for _, t in s):
             missing.append(i)
-            segs.append([(text, False)])
-            continue
-        cut = at + len(response_template)
-        segs.append([(text[:cut], False), (text[cut:], True)])
-    return encode(tokenizer, segs, max_seq_length, add_eos=add_eos_token,
-                  status={i: "dropped: response_template not found" for i in missing})
+        segs.append(s)
+    limit = min(max_length or max_seq_length, max_seq_length) if truncation else sys.maxsize
+    out = encode(tokenizer, segs, limit, add_eos=add_eos_token,
+                 status={i: "dropped: response_template not found" for i in missing})
+    if not response_template:
+        del out["labels"]
+    return out
 
 
-def apply_custom_jinja_template(batch, template, formatted_text_column_name="formatted_text", **_):
+def apply_custom_jinja_template(batch, template, formatted_text_column_name="formatted_text",
+                                tokenizer=None, **_):
     """Render each record with a sandboxed Jinja template (undefined fields are errors)."""
-    return {formatted_text_column_name: [render_template(template, rec, f"record {rec!r:.60}")
+    tokens = {k: v for k, v in tokenizer.special_tokens_map.items()
+              if isinstance(v, str)} if tokenizer is not None else {}
+    return {formatted_text_column_name: [render_template(template, rec, f"record {rec!r:.60}",
+                                                         tokens)
                                          for rec in _records(batch)]}
 
 
-def apply_tokenizer_chat_template(batch, tokenizer, conversation_column="messages",
+CONVERSATION_COLUMNS = ("messages", "conversation", "chat", "turns")  # fms-hf-tuning's guesses
+
+
+def _chat_extras(batch: dict, i: int) -> dict:
+    """``tools`` and ``documents`` of record ``i``, which chat templates may render."""
+    return {k: batch[k][i] for k in ("tools", "documents") if k in batch}
+
+
+def apply_tokenizer_chat_template(batch, tokenizer, conversation_column=None,
                                   formatted_text_column_name="formatted_chat_data",
-                                  chat_template=None, **_):
-    """Render conversations to text with the tokenizer's (or the given) chat template."""
-    convs = _column(batch, conversation_column, "apply_tokenizer_chat_template")
+                                  chat_template=None, conversation_column_name=None, **_):
+    """Render conversations to text with the tokenizer's (or the given) chat template.
+
+    The column is ``conversation_column_name`` (fms-hf-tuning) or ``conversation_column``;
+    without either, the first of messages/conversation/chat/turns present.
+    """
+    column = conversation_column_name or conversation_column or next(
+        (c for c in CONVERSATION_COLUMNS if c in batch), CONVERSATION_COLUMNS[0])
+    convs = _column(batch, column, "apply_tokenizer_chat_template")
     return {formatted_text_column_name: [
-        tokenizer.apply_chat_template(c, tokenize=False, chat_template=chat_template) for c in convs]}
+        tokenizer.apply_chat_template(c, tokenize=False, chat_template=chat_template,
+                                      **_chat_extras(batch, i)) for i, c in enumerate(convs)]}
 
 
-def chat_segments(tokenizer, messages: list[dict], chat_template=None) -> list[tuple[str, bool]]:
+def chat_segments(tokenizer, messages: list[dict], chat_template=None,
+                  **extras) -> list[tuple[str, bool]]:
     """Assistant turns (with their end-of-turn text) trained; everything else not.
 
     Each assistant turn's text is the difference between the conversation
     rendered up to it with a generation prompt and rendered including it.
+    ``extras`` (tools, documents) go to the template.
     """
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
-                                             chat_template=chat_template)
+                                             chat_template=chat_template, **extras)
 
     segs: list[tuple[str, bool]] = []
     done = ""
@@ -228,13 +267,15 @@ def tokenize_and_apply_chat_template_with_masking(
                                                  for m in conv):
             raise DataError(f"column {conversation_column!r}: record {i + 1} of this batch is not "
                             "a list of {role, content} messages")
+        extras = _chat_extras(batch, i)
         if response_template:
-            text = tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template)
+            text = tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
+                                                 **extras)
             s = template_segments(text, instruction_template, response_template)
             if not any(t for _, t in s):
                 reasons[i] = "dropped: response_template not found"
         else:
-            s = chat_segments(tokenizer, conv, chat_template)
+            s = chat_segments(tokenizer, conv, chat_template, **extras)
             if not any(t for _, t in s):
                 reasons[i] = "dropped: no assistant turn"
         segs.append(s or [("", False)])
@@ -251,10 +292,16 @@ def skip_samples_with_large_columns(batch, column_name, max_allowed_length, **_)
             for v in _column(batch, column_name, "skip_samples_with_large_columns")]
 
 
-def duplicate_columns(dataset, old_column, new_column, **_):
-    if old_column not in dataset.column_names:
-        raise DataError(f"duplicate_columns: missing column {old_column!r}")
-    return dataset.add_column(new_column, dataset[old_column])
+def duplicate_columns(batch, existing_column_name=None, new_column_name=None, old_column=None,
+                      new_column=None, **_):
+    """Copy a column (fms-hf-tuning's ``existing_column_name``/``new_column_name``; also
+    ``old_column``/``new_column``). The new column must not exist yet."""
+    old, new = existing_column_name or old_column, new_column_name or new_column
+    if not old or not new:
+        raise DataError("duplicate_columns: needs existing_column_name and new_column_name")
+    if new in batch:
+        raise DataError(f"duplicate_columns: column {new!r} already exists")
+    return {new: _column(batch, old, "duplicate_columns")}
 
 
 def rename_columns(dataset, column_mapping, **_):
@@ -278,7 +325,7 @@ BUILTIN = {
     "tokenize_and_apply_chat_template_with_masking":
         (tokenize_and_apply_chat_template_with_masking, "map"),
     "skip_samples_with_large_columns": (skip_samples_with_large_columns, "filter"),
-    "duplicate_columns": (duplicate_columns, "dataset"),
+    "duplicate_columns": (duplicate_columns, "map"),
     "rename_columns": (rename_columns, "dataset"),
     "select_columns": (select_columns, "dataset"),
     "remove_columns": (remove_columns, "dataset"),

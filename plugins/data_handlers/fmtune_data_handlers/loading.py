@@ -103,11 +103,12 @@ def load_files(files: list[str], builder: str | None = None, streaming: bool = F
     return ds
 
 
-def load_hub(name: str, streaming: bool = False):
+def load_hub(name: str, streaming: bool = False, split: str = "train"):
+    """A Hugging Face dataset id, or a local folder in the Hub's layout (for named splits)."""
     from datasets import load_dataset
 
     try:
-        return load_dataset(name, split="train", streaming=streaming)
+        return load_dataset(name, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = ("not in the local cache and HF_HUB_OFFLINE is set" if offline
@@ -116,20 +117,31 @@ def load_hub(name: str, streaming: bool = False):
                         f"dataset ({why})") from None
 
 
-def load_paths(paths: Any, builder: str | None = None, streaming: bool = False):
-    """One dataset from one or more paths/folders/globs/hub ids (concatenated)."""
+def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
+               split: str | None = None):
+    """One dataset from one or more paths/folders/globs/hub ids (concatenated).
+
+    ``split`` (a data_config's ``dataset_split_name``) picks a named split of a hub id or of a
+    folder in the Hub's layout (``data/train_sft-00000-of-00001.parquet``); files have one.
+    """
     from datasets import concatenate_datasets
 
     parts = []
     for path in split_paths(paths):
+        if split and split != "train" and os.path.isdir(path):
+            parts.append(load_hub(path, streaming, split))
+            continue
         files = expand(path)
+        if files and split and split != "train":
+            raise DataError(f"{path}: dataset_split_name {split!r}: a data file has only the "
+                            "split 'train' (named splits come from a hub id or a folder)")
         if files:
             parts.append(load_files(files, builder, streaming))
         elif any(c in path for c in "*?[") or path.startswith((".", "/", "~")) or \
                 os.path.splitext(path)[1] in BUILDERS:
             raise DataError(f"{path}: no such file, folder or matching files")
         else:
-            parts.append(load_hub(path, streaming))
+            parts.append(load_hub(path, streaming, split or "train"))
     if not parts:
         raise DataError("no data path given")
     if len(parts) == 1:

@@ -63,7 +63,7 @@ def register_data_handlers(register):
     from .handlers import BUILTIN
 
     for name, (fn, kind) in BUILTIN.items():
-        register(name, fn, kind)
+        register(name, fn, kind, batch_only=kind != "dataset")
 
 
 def add_tokens(config, tokenizer) -> None:

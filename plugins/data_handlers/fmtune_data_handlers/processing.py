@@ -24,14 +24,20 @@ log = logging.getLogger("fmtune")
 
 SCHEMA = {
     "dataprocessor": {"type": str, "sampling_stopping_strategy": str, "seed": int,
-                      "streaming": bool, "chat_template": str},
+                      "streaming": bool, "chat_template": str, "chat_template_path": str,
+                      "chat_template_base64": str, "odm": dict},
     "datasets": {"name": str, "data_paths": list, "builder": str, "sampling": float,
-                 "split": dict, "data_handlers": list},
+                 "split": dict, "data_handlers": list, "dataset_split_name": str,
+                 "shuffle": bool},
     "split": {"train": float, "validation": float},
     "data_handlers": {"name": str, "arguments": dict},
+    # column_mapping / column_names: fms-hf-tuning's arguments of the column handlers
     "arguments": {"fn_kwargs": dict, "batched": bool, "remove_columns": (str, list),
-                  "batch_size": int, "num_proc": int},
+                  "batch_size": int, "num_proc": int, "column_mapping": dict,
+                  "column_names": list},
 }
+COLUMN_ARGUMENTS = ("column_mapping", "column_names")
+CHAT_TEMPLATE_KEYS = ("chat_template", "chat_template_path", "chat_template_base64")
 STOPPING = ("all_exhausted", "first_exhausted")
 TOKEN_COLUMNS = ("input_ids", "labels", "attention_mask")
 
@@ -54,6 +60,14 @@ class DatasetSpec:
     sampling: float | None = None
     split: dict[str, float] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
+    split_name: str | None = None
+    shuffle: bool = True
+
+    def fractions(self) -> tuple[float, float]:
+        """(train, validation) as fms-hf-tuning reads ``split``: a missing part is 0."""
+        if not self.split:
+            return 1.0, 0.0
+        return self.split.get("train", 0.0), self.split.get("validation", 0.0)
 
 
 @dataclass
@@ -86,6 +100,56 @@ def _check(value: Any, schema_key: str, where: str, required: tuple[str, ...] = 
     return value
 
 
+def _chat_template(proc: dict, path: str, base: str) -> str | None:
+    """dataprocessor's chat_template, chat_template_path (relative to cwd or to the data_config)
+    or chat_template_base64: at most one."""
+    given = [k for k in CHAT_TEMPLATE_KEYS if proc.get(k) is not None]
+    if len(given) > 1:
+        raise DataError(f"{path}: dataprocessor: {' and '.join(given)} are exclusive; give one")
+    if not given or given[0] == "chat_template":
+        return proc.get("chat_template")
+    if given[0] == "chat_template_base64":
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(proc["chat_template_base64"], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: dataprocessor.chat_template_base64: not base64 of UTF-8 "
+                            f"text ({e})") from None
+    name = os.path.expanduser(os.path.expandvars(proc["chat_template_path"]))
+    found = name if os.path.isabs(name) or os.path.isfile(name) else os.path.join(base, name)
+    if not os.path.isfile(found):
+        raise DataError(f"{path}: dataprocessor.chat_template_path: {name}: file not found")
+    with open(found, encoding="utf-8") as f:
+        return f.read()
+
+
+def _check_sampling(specs: list[DatasetSpec], path: str) -> None:
+    """fms-hf-tuning's rule: with sampling, every dataset that gives a train split needs a
+    ratio (those that only give validation need none) and the ratios sum to 1."""
+    train = [i for i, s in enumerate(specs) if s.fractions()[0] > 0]
+    ratios = [s.sampling for s in specs]
+    for i, r in enumerate(ratios):
+        if r is not None and not 0 <= r <= 1:
+            raise DataError(f"{path}: datasets[{i}].sampling: must be in [0, 1], got {r}")
+    given = [i for i, r in enumerate(ratios) if r]  # fms-hf-tuning treats 0 as not given
+    if not given:
+        return
+    for i in given:
+        if i not in train:
+            raise DataError(f"{path}: datasets[{i}].sampling: dataset {specs[i].name!r} has no "
+                            "train split (split.train is 0), so it is not sampled")
+    for i in train:
+        if not ratios[i]:
+            raise DataError(f"{path}: datasets[{i}].sampling: required, as other datasets have "
+                            f"sampling (every dataset with a train split needs a ratio)")
+    if abs(sum(ratios[i] for i in train) - 1) > 1e-6:
+        raise DataError(f"{path}: datasets: sampling ratios must sum to 1, got "
+                        f"{' + '.join(str(ratios[i]) for i in train)} = "
+                        f"{sum(ratios[i] for i in train):g}")
+
+
 def read_data_config(path: str, registry: Registry) -> DataConfig:
     """Parse and validate a data_config file; errors name the file and the key path."""
     if not os.path.isfile(path):
@@ -100,12 +164,17 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
         if key not in ("dataprocessor", "datasets"):
             raise DataError(f"{path}: {key}: unknown key{suggest(str(key), ['dataprocessor', 'datasets'])}")
     proc = _check(raw.get("dataprocessor") or {}, "dataprocessor", f"{path}: dataprocessor")
+    if proc.get("type", "default") != "default" or "odm" in proc:
+        what = "type" if proc.get("type", "default") != "default" else "odm"
+        raise DataError(f"{path}: dataprocessor.{what}: only type: default is supported "
+                        "(fms-hf-tuning's odm, online data mixing, is not part of fmtune)")
     stopping = proc.get("sampling_stopping_strategy", "all_exhausted")
     if stopping not in STOPPING:
         raise DataError(f"{path}: dataprocessor.sampling_stopping_strategy: must be one of "
                         f"{', '.join(STOPPING)}, got {stopping!r}")
     if not isinstance(raw.get("datasets"), list) or not raw["datasets"]:
         raise DataError(f"{path}: datasets: required, a non-empty list")
+    streaming = proc.get("streaming", False)
     specs = []
     base = os.path.dirname(os.path.abspath(path))
     for i, d in enumerate(raw["datasets"]):
@@ -119,23 +188,32 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
             hw = f"{where}.data_handlers[{j}]"
             _check(h, "data_handlers", hw, required=("name",))
             args = _check(h.get("arguments") or {}, "arguments", f"{hw}.arguments")
-            registry.get(h["name"], f"{hw}.name")
-            steps.append(Step(h["name"], dict(args.get("fn_kwargs") or {}),
-                              args.get("batched", True), args.get("remove_columns"),
-                              args.get("batch_size", 1000), args.get("num_proc")))
+            handler = registry.get(h["name"], f"{hw}.name")
+            fn_kwargs = dict(args.get("fn_kwargs") or {})
+            for key in COLUMN_ARGUMENTS:
+                if key in args:
+                    if handler.kind != "dataset":
+                        raise DataError(f"{hw}.arguments.{key}: only for column handlers "
+                                        f"(rename_columns, select_columns, remove_columns); put "
+                                        f"{h['name']}'s arguments in fn_kwargs")
+                    fn_kwargs[key] = args[key]
+            steps.append(Step(h["name"], fn_kwargs, args.get("batched", True),
+                              args.get("remove_columns"), args.get("batch_size", 1000),
+                              args.get("num_proc")))
         paths = [p if os.path.isabs(p) or os.path.exists(p) else
                  (os.path.join(base, p) if os.path.exists(os.path.join(base, p)) else p)
                  for p in d["data_paths"]]
-        specs.append(DatasetSpec(d["name"], paths, d.get("builder"), d.get("sampling"), split, steps))
-    ratios = [s.sampling for s in specs]
-    if any(r is not None for r in ratios):
-        if any(r is None for r in ratios):
-            raise DataError(f"{path}: datasets: give sampling to every dataset or to none")
-        if abs(sum(ratios) - 1) > 1e-6:
-            raise DataError(f"{path}: datasets: sampling ratios must sum to 1, got "
-                            f"{' + '.join(map(str, ratios))} = {sum(ratios):g}")
-    return DataConfig(specs, proc.get("seed", 42), proc.get("streaming", False), stopping,
-                      proc.get("chat_template"), path)
+        spec = DatasetSpec(d["name"], paths, d.get("builder"), d.get("sampling"), split, steps,
+                           d.get("dataset_split_name"), d.get("shuffle", True))
+        if streaming and split and max(spec.fractions()) < 1:
+            raise DataError(f"{where}.split: a streamed dataset splits only whole (train: 1.0 or "
+                            "validation: 1.0); partial splits need streaming: false")
+        specs.append(spec)
+    if not any(s.fractions()[0] > 0 for s in specs):
+        raise DataError(f"{path}: datasets: no dataset gives a train split")
+    _check_sampling(specs, path)
+    return DataConfig(specs, proc.get("seed", 42), streaming, stopping,
+                      _chat_template(proc, path, base), path)
 
 
 def steps_from_flags(config, columns: list[str]) -> list[Step]:
@@ -149,7 +227,8 @@ def steps_from_flags(config, columns: list[str]) -> list[Step]:
                      remove_columns="all")]
     if config.dataset_text_field:
         return [Step("tokenize", {"text_column_name": config.dataset_text_field,
-                                  "response_template": config.response_template},
+                                  "response_template": config.response_template,
+                                  "instruction_template": config.instruction_template},
                      remove_columns="all")]
     if "input_ids" in columns:
         return []
@@ -181,19 +260,23 @@ def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_templ
         kwargs.setdefault("max_seq_length", config.max_seq_length)
     if chat_template and handler.accepts("chat_template"):
         kwargs.setdefault("chat_template", chat_template)
+    batched = step.batched or handler.batch_only
+    if handler.kind != "map" and step.remove_columns is not None:
+        log.warning("%s: remove_columns does not apply to %s (a %s handler); ignored, as "
+                    "fms-hf-tuning does", where, step.name, handler.kind)
     if handler.kind == "dataset":
         return handler.fn(ds, **kwargs)
     if handler.kind == "filter":
-        return ds.filter(handler.fn, fn_kwargs=kwargs, batched=step.batched,
+        return ds.filter(handler.fn, fn_kwargs=kwargs, batched=batched,
                          batch_size=step.batch_size, **_proc(ds, step))
     remove = step.remove_columns
     if remove == "all":
-        remove = list(ds.column_names or [])
-    if step.batched and _plain_dataset(ds):
+        remove = columns(ds)
+    if batched and _plain_dataset(ds):
         return ds.with_format("arrow").map(
             ArrowBatches(handler.fn, remove or [], where), fn_kwargs=kwargs, batched=True,
             batch_size=step.batch_size, **_proc(ds, step)).with_format(None)
-    return ds.map(handler.fn, fn_kwargs=kwargs, batched=step.batched, batch_size=step.batch_size,
+    return ds.map(handler.fn, fn_kwargs=kwargs, batched=batched, batch_size=step.batch_size,
                   remove_columns=remove, **_proc(ds, step))
 
 
@@ -292,6 +375,30 @@ def _finish(ds, name: str, counts: dict[str, int], streaming: bool):
     return ds.select_columns(keep)
 
 
+def columns(ds) -> list[str]:
+    """A dataset's columns; a stream may only know them from its first row."""
+    cols = list(ds.column_names or [])
+    return cols or list(next(iter(ds.take(1)), {}).keys())
+
+
+def split_dataset(ds, spec: DatasetSpec, dc: DataConfig) -> dict[str, Any]:
+    """{"train": ..., "validation": ...} from the raw data, as fms-hf-tuning splits it
+    (before the handlers, ``train_test_split`` with the dataprocessor's seed)."""
+    train, valid = spec.fractions()
+    if not valid:
+        if train >= 1:
+            return {"train": ds}
+    elif not train and valid >= 1:
+        return {"validation": ds}
+    try:
+        parts = ds.train_test_split(train_size=train or None, test_size=valid or None,
+                                    shuffle=spec.shuffle, seed=dc.seed)
+    except ValueError as e:
+        raise DataError(f"{dc.source}: datasets[{spec.name}].split: {e}") from None
+    return {k: parts[p] for k, p, frac in (("train", "train", train), ("validation", "test", valid))
+            if frac > 0}
+
+
 def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
             validation_paths: Any = None) -> Prepared:
     """Run the whole pipeline; returns train/validation datasets and status counts."""
@@ -301,39 +408,50 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         dc = DataConfig([DatasetSpec("training_data", split_paths(config.training_data_path))],
                         seed=config.seed, chat_template=config.chat_template)
     chat_template = config.chat_template or dc.chat_template
-    trains, valids, counts = [], [], {"train": {}, "validation": {}}
+    valids, counts = [], {"train": {}, "validation": {}}
 
-    def run_steps(spec: DatasetSpec, paths):
-        ds = load_paths(paths, spec.builder, dc.streaming)
-        steps = spec.steps if dc.source != "flags" else steps_from_flags(
-            config, list(ds.column_names or []))
+    def run_steps(spec: DatasetSpec, ds):
+        flags = dc.source == "flags"
+        steps = steps_from_flags(config, columns(ds)) if flags else spec.steps
         for k, step in enumerate(steps):
             ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
                             f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]")
+        if not flags and "input_ids" not in columns(ds):
+            # fms-hf-tuning's chain: handlers that only format text, then the trainer
+            # tokenizes dataset_text_field (with response/instruction templates)
+            try:
+                more = steps_from_flags(config, columns(ds))
+            except DataError as e:
+                raise DataError(f"{dc.source}: datasets[{spec.name}]: after the data handlers "
+                                f"there is no input_ids column; {e}") from None
+            log.info("%s: datasets[%s]: tokenizing with %s after the data handlers", dc.source,
+                     spec.name, ", ".join(s.name for s in more))
+            for k, step in enumerate(more):
+                ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
+                                f"{dc.source}: datasets[{spec.name}]: {step.name}")
         return ds
 
+    train_parts = []
     for spec in dc.datasets:
-        ds = run_steps(spec, spec.data_paths)
-        if spec.split.get("validation"):
-            if dc.streaming:
-                raise DataError(f"{dc.source}: datasets[{spec.name}].split: needs streaming: false")
-            parts = ds.train_test_split(test_size=spec.split["validation"], seed=dc.seed)
-            ds, val = parts["train"], parts["test"]
-            frac = spec.split.get("train", 1 - spec.split["validation"])
-            keep = round(len(ds) * frac / (1 - spec.split["validation"]))
-            ds = ds.select(range(min(len(ds), keep)))
-            valids.append(_finish(val, spec.name, counts["validation"], False))
-        trains.append(_finish(ds, spec.name, counts["train"], dc.streaming))
+        ds = load_paths(spec.data_paths, spec.builder, dc.streaming, spec.split_name)
+        parts = split_dataset(ds, spec, dc)
+        if "validation" in parts:
+            valids.append(_finish(run_steps(spec, parts["validation"]), spec.name,
+                                  counts["validation"], dc.streaming))
+        if "train" in parts:
+            train_parts.append((spec, _finish(run_steps(spec, parts["train"]), spec.name,
+                                              counts["train"], dc.streaming)))
 
     if validation_paths:
         spec = DatasetSpec("validation_data", split_paths(validation_paths))
-        valids.append(_finish(run_steps(spec, spec.data_paths), "validation_data",
+        valids.append(_finish(run_steps(spec, load_paths(spec.data_paths)), "validation_data",
                               counts["validation"], dc.streaming))
 
-    ratios = [s.sampling for s in dc.datasets]
+    trains = [ds for _, ds in train_parts]
+    ratios = [spec.sampling for spec, _ in train_parts]
     if len(trains) == 1:
         train = trains[0]
-    elif ratios[0] is not None:
+    elif any(ratios):
         train = interleave_datasets(trains, probabilities=ratios, seed=dc.seed,
                                     stopping_strategy=dc.stopping)
     else:
