@@ -231,9 +231,11 @@ def _path_problems(config) -> list[str]:
                         "org/name)")
     for name in ("training_data_path", "validation_data_path"):
         path = config.get(name)
-        if (isinstance(path, str) and path.lower().endswith(DATA_SUFFIXES)
-                and not any(c in path for c in "*?[") and not os.path.exists(path)):
-            problems.append(f"{name} {path}: no such file")
+        for part in (path.split(",") if isinstance(path, str) else []):  # a list of files too
+            part = part.strip()
+            if (part.lower().endswith(DATA_SUFFIXES) and not any(c in part for c in "*?[")
+                    and not os.path.exists(part)):
+                problems.append(f"{name} {part}: no such file")
         if isinstance(path, str) and os.path.isdir(path) and config.get("output_dir"):
             data, out = os.path.realpath(path), os.path.realpath(config.output_dir)
             if out == data or out.startswith(data + os.sep):

@@ -11,6 +11,8 @@ fms-hf-tuning's ``post_process_vLLM_adapters_new_tokens`` writes).
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import logging
 import os
@@ -107,7 +109,8 @@ def _base_path(adapter: str, cfg: dict, base: str | None) -> str:
 
 
 def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "float32",
-                       trust_remote_code: bool = False):
+                       trust_remote_code: bool = False, tokenizer_path: str | None = None,
+                       device_map: Any = None):
     """``(peft_model, tokenizer)``: the base in full precision (resized to the adapter's tokenizer)
     with the adapter on top, loaded by peft's own loader."""
     import torch
@@ -120,16 +123,20 @@ def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "floa
     cfg = _adapter_config(adapter)
     base = _base_path(adapter, cfg, base)
     has_tok = os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, adapter if has_tok else base,
-                                "tokenizer", trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained,
+                                tokenizer_path or (adapter if has_tok else base), "tokenizer",
+                                trust_remote_code=trust_remote_code)
+    extra = {"device_map": device_map} if device_map is not None else {}
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, base, "model",
-                            trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
+                            trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype),
+                            **extra)
     fit_to_tokenizer(model, tokenizer)
     return PeftModel.from_pretrained(model, adapter), tokenizer
 
 
 def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32",
-          trust_remote_code: bool = False) -> str:
+          trust_remote_code: bool = False, tokenizer_path: str | None = None,
+          device_map: Any = None) -> str:
     """Merge a LoRA adapter into its base; save the full model + tokenizer to ``out``."""
     check_new_dir(out)
     cfg = _adapter_config(adapter)
@@ -139,7 +146,8 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
     if cfg.get("alora_invocation_tokens"):
         raise ConfigError(f"{adapter}: an aLoRA adapter acts only after its invocation tokens; "
                           "merged into the weights it would act on every token")
-    model, tokenizer = load_adapter_model(adapter, base, dtype, trust_remote_code)
+    model, tokenizer = load_adapter_model(adapter, base, dtype, trust_remote_code,
+                                          tokenizer_path, device_map)
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)

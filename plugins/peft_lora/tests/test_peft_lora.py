@@ -108,10 +108,14 @@ def test_merge_gives_the_adapter_model_logits(lora_run, fmtune_tiny_model, tmp_p
 
 def test_generate_on_the_adapter_folder(lora_run, fmtune_tiny_model):
     rec, out = lora_run
-    res = run_cli(["generate", "--model", str(out), "--text", TEXTS[0], "--max_new_tokens", "6"])
+    res = run_cli(["generate", "--model", str(out), "--text", TEXTS[0], "--max_new_tokens", "6",
+                   "--jsonl"])
     assert res.exit_code == 0, res.stderr
     tok = AutoTokenizer.from_pretrained(out)
-    assert res.stdout.splitlines() == generate(rec.model, tok, [TEXTS[0]], 6)
+    import json
+
+    assert [json.loads(line)["output"] for line in res.stdout.split("\n")[:-1]] == \
+        generate(rec.model, tok, [TEXTS[0]], 6)
 
 
 def test_export_vllm_plain_lora(lora_run, tmp_path):
@@ -155,7 +159,9 @@ def wrapped(argv):
 
 
 def test_options_reach_peft(fmtune_tiny_model, tmp_path):
-    common = ["--model_name_or_path", fmtune_tiny_model, "--training_data_path", "x.jsonl",
+    data = tmp_path / "x.jsonl"  # paths are checked in validation; the data is never read here
+    data.write_text('{"input": "a", "output": "b"}\n')
+    common = ["--model_name_or_path", fmtune_tiny_model, "--training_data_path", str(data),
               "--output_dir", str(tmp_path), "--plugins", "lora"]
     model, _ = wrapped([*common, "--target_modules", "q_proj,lm_head", "--r", "4",
                         "--lora_alpha", "16", "--use_rslora", "true", "--use_dora", "true",
@@ -302,3 +308,31 @@ def test_exclude_modules_and_layers_to_transform(fmtune_tiny_model, data, tmp_pa
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["layers_to_transform"] == [1] and sorted(cfg["exclude_modules"]) == [
         "down_proj", "o_proj"]
+
+
+def test_silogen_merge_and_vllm_flags(lora_run, fmtune_tiny_model, tmp_path):
+    """Silogen's `merge_adapter basemodel peftmodel outpath --tokenizer T --device_map D` and
+    `create_vllm_compatible_adapter [--training-config C] model_path`, with fmtune's names."""
+    import shutil
+
+    rec, out = lora_run
+    other_tok = tmp_path / "tok"
+    tok = AutoTokenizer.from_pretrained(fmtune_tiny_model)
+    tok.add_tokens(["<|silogen|>"])
+    tok.save_pretrained(other_tok)
+    res = run_cli(["merge", fmtune_tiny_model, str(out), str(tmp_path / "merged"),
+                   "--tokenizer", str(other_tok), "--device_map", "cpu"])
+    assert res.exit_code == 0, res.stderr
+    saved = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert saved.convert_tokens_to_ids("<|silogen|>") == len(tok) - 1
+    res = run_cli(["merge", str(out), str(tmp_path / "m2"), "--device_map", "{bad"])
+    assert res.exit_code == 2 and "--device_map: not a JSON mapping" in res.stderr
+    adapter = tmp_path / "adapter"
+    shutil.copytree(out, adapter)
+    cfg = tmp_path / "silogen.yaml"
+    cfg.write_text("run_conf: {}\n")
+    res = run_cli(["export-vllm", "--training-config", str(cfg), str(adapter)])
+    assert res.exit_code == 0, res.stderr
+    assert (adapter / "vllm" / "adapter_model.safetensors").is_file()
+    assert (adapter / "adapter_model.safetensors").read_bytes() == \
+        (out / "adapter_model.safetensors").read_bytes()  # the original is kept
