@@ -164,3 +164,26 @@ def test_paths_checked_before_anything_loads(tmp_path):
         assert res.exit_code == 2 and needle in res.stderr, (extra, res.stderr)
         assert "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "run").exists()
+
+
+def test_do_dataprocessing_only_writes_parquet_shards(fmtune_tiny_model, tmp_path):
+    """fms-hf-tuning's --do_dataprocessing_only: output_dir/train_dataset/ds_0000N.parquet with
+    the processed columns, no model loaded, no training."""
+    import pyarrow.parquet as pq
+
+    from fmtune.testing import DEMO_RECORDS, run_cli
+
+    data = write_jsonl(tmp_path / "d.jsonl", DEMO_RECORDS)
+    out = tmp_path / "out"
+    res = run_cli(["train", "--model_name_or_path", fmtune_tiny_model, "--training_data_path",
+                   data, "--validation_data_path", data, "--output_dir", str(out),
+                   "--do_dataprocessing_only", "True", "--num_train_dataset_shards", "2"])
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in (out / "train_dataset").iterdir()) == [
+        "ds_00000.parquet", "ds_00001.parquet"]
+    rows = [r for f in sorted((out / "train_dataset").iterdir())
+            for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == len(DEMO_RECORDS) and {"input_ids", "labels"} <= set(rows[0])
+    assert len(list((out / "validation_dataset").iterdir())) == 1
+    assert not (out / "run_summary.json").exists() and not list(out.glob("checkpoint-*"))
+    assert "data processed, no training" in res.stdout

@@ -61,3 +61,8 @@ def test_a_tracker_that_is_not_installed_is_an_error():
     config, pm, _, _ = load_config([*BASE, "--trackers", "wandb"])
     with pytest.raises(ConfigError, match="trackers: no installed tracker plugin named 'wandb'"):
         validate(config, pm)
+
+
+def test_padding_free_huggingface_as_fms_hf_tuning_writes_it():
+    config, _, _, _ = load_config([*BASE, "--padding_free", "huggingface"])
+    assert config.plugins == ["data_handlers"] and config.padding_free is True

@@ -54,3 +54,16 @@ def test_trainer_controller_file_uses_the_same_reader(tmp_path):
     with pytest.raises(LoadError) as err:
         load(str(rules), {}, {})
     assert "expands to more than" in str(err.value)
+
+
+def test_data_config_uses_the_same_reader(tmp_path):
+    from fmtune_data_handlers.loading import DataError
+    from fmtune_data_handlers.processing import read_data_config
+
+    cfg = tmp_path / "data_config.yaml"
+    cfg.write_text(BOMB)
+    with pytest.raises(DataError, match="expands to more than"):
+        read_data_config(str(cfg), None)
+    cfg.write_text("datasets: []\ndatasets: []\n")
+    with pytest.raises(DataError, match=r"data_config.yaml:2: invalid YAML: duplicate key"):
+        read_data_config(str(cfg), None)

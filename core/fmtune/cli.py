@@ -195,7 +195,11 @@ def cmd_train(argv: list[str], extra_plugins: list[Any] = ()) -> int:
     if code is not None:
         return code
     summary = train(config, pm)
-    if is_main_process():
+    if is_main_process() and summary.get("data_only"):
+        print(f"fmtune: data processed, no training (do_dataprocessing_only): "
+              + "; ".join(f"{v['rows']} rows in {v['folder']}" for k, v in summary.items()
+                          if isinstance(v, dict)))
+    elif is_main_process():
         _print_summary(summary)
     return 0
 

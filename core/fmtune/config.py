@@ -38,6 +38,7 @@ class Option:
     shared: bool = False
     cli_unescape: bool = False
     weak: bool = False
+    true_words: tuple[str, ...] = ()  # more spellings of "true" (padding_free huggingface)
 
     def convert(self, value: Any, where: str) -> Any:
         """Convert a YAML value or CLI string to this option's type."""
@@ -48,7 +49,7 @@ class Option:
             if t is bool:
                 if isinstance(value, bool):
                     out = value
-                elif str(value).strip().lower() in _TRUE:
+                elif str(value).strip().lower() in (*_TRUE, *self.true_words):
                     out = True
                 elif str(value).strip().lower() in _FALSE:
                     out = False
@@ -116,7 +117,7 @@ class OptionRegistry:
         def register(name: str, type: type | str = str, default: Any = None, help: str = "",
                      choices: Iterable | None = None, aliases: Iterable[str] = (),
                      shared: bool = False, cli_unescape: bool = False,
-                     weak: bool = False) -> None:
+                     weak: bool = False, true_words: Iterable[str] = ()) -> None:
             """``shared=True``: plugins that all declare the option shared (with the same type)
             get one option, the first registration's; otherwise a second owner is an error.
             ``cli_unescape=True``: ``\\n``/``\\t`` typed on the command line become the
@@ -141,7 +142,7 @@ class OptionRegistry:
                     )
             self.options[name] = Option(name, t, default, help, plugin,
                                         tuple(choices) if choices else None, tuple(aliases),
-                                        shared, cli_unescape, weak)
+                                        shared, cli_unescape, weak, tuple(true_words))
             for a in aliases:
                 self.aliases[a] = name
         return register

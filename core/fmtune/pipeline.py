@@ -234,6 +234,37 @@ def training_arguments(config: Config):
     return args
 
 
+def dump_datasets(config: Config, train_ds: Any, eval_ds: Any, main: bool) -> dict[str, Any]:
+    """fms-hf-tuning's ``--do_dataprocessing_only``: the processed datasets as parquet shards in
+    ``output_dir/train_dataset/ds_00000.parquet ...`` (and ``validation_dataset``), no
+    training. Each folder is written under a temporary name, then renamed."""
+    import shutil
+
+    written: dict[str, Any] = {"data_only": True, "output_dir": config.output_dir}
+    for name, ds, shards in (("train_dataset", train_ds, config.num_train_dataset_shards),
+                             ("validation_dataset", eval_ds, config.num_eval_dataset_shards)):
+        if ds is None or not main:
+            continue
+        if not hasattr(ds, "to_parquet"):  # streamed: materialized to write it
+            from datasets import Dataset
+
+            ds = Dataset.from_generator(lambda d=ds: (yield from d))
+        folder = os.path.join(config.output_dir, name)
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        ds = ds.flatten_indices()
+        for k in range(shards):
+            ds.shard(num_shards=shards, index=k, contiguous=True).to_parquet(
+                os.path.join(tmp, f"ds_{k:05d}.parquet"))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        written[name] = {"rows": len(ds), "shards": shards, "folder": folder}
+        log.info("wrote %d processed rows of %s to %s in %d parquet shard(s)", len(ds), name,
+                 folder, shards)
+    return written
+
+
 def find_resume(config: Config) -> str | None:
     """The checkpoint to resume from, per ``resume_from_checkpoint``."""
     value = str(config.resume_from_checkpoint)
@@ -366,6 +397,8 @@ def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     train_ds, eval_ds = _required(pm.hook.prepare_data(config=config, tokenizer=run.tokenizer, pm=pm),
                                   "prepare_data")
     run.timings["data_prep_s"] = time.perf_counter() - t
+    if config.get("do_dataprocessing_only"):
+        return dump_datasets(config, train_ds, eval_ds, run.is_main_process)
 
     t = time.perf_counter()
     run.model = _required(pm.hook.load_model(config=config, tokenizer=run.tokenizer), "load_model")

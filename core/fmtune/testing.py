@@ -130,8 +130,10 @@ def wrapped_model(model_dir: str, output_dir: str | os.PathLike, *extra: str):
     from .cli import load_config
     from .pipeline import validate
 
+    data = os.path.join(tempfile.mkdtemp(prefix="fmtune-wrapped-"), "x.jsonl")
+    write_jsonl(data, DEMO_RECORDS[:1])  # validation checks the path exists; never read here
     config, pm, _, _ = load_config(["--model_name_or_path", str(model_dir),
-                                    "--training_data_path", "x.jsonl",
+                                    "--training_data_path", data,
                                     "--output_dir", str(output_dir), *extra])
     validate(config, pm)
     tok = pm.hook.load_tokenizer(config=config)

@@ -114,6 +114,13 @@ def _core_options(register):
     # fms-hf-tuning's tracker selection
     register("trackers", list, None, "Trackers to report to (fms-hf-tuning): each names a "
              "tracker plugin, which is activated when installed.")
+    register("do_dataprocessing_only", bool, False, "Process the data, write it to output_dir "
+             "as parquet shards (train_dataset/, validation_dataset/) and stop without "
+             "training (fms-hf-tuning).")
+    register("num_train_dataset_shards", int, 1, "Parquet shards of the processed training "
+             "data with do_dataprocessing_only.")
+    register("num_eval_dataset_shards", int, 1, "Parquet shards of the processed validation "
+             "data with do_dataprocessing_only.")
     register("embedding_size_multiple_of", int, 1, "Resize the embeddings to a multiple of this "
              "many rows after the tokenizer grows (fms-hf-tuning; e.g. 64 for tensor cores).")
     register("cache_dir", str, None, "Where downloaded models and tokenizers are cached "
@@ -147,7 +154,8 @@ def _problems_for(config):
     for name in ("model_name_or_path", "output_dir"):
         if not config.get(name):
             problems.append(f"{name} is required (YAML key or --{name})")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length"):
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
+                 "num_train_dataset_shards", "num_eval_dataset_shards"):
         if config.get(name) is not None and config.get(name) < 1:
             problems.append(f"{name} must be >= 1, got {config.get(name)}")
     from fmtune.batching import problems as batch_problems
@@ -204,6 +212,8 @@ DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv")
 
 def _folder_problem(name: str, path: str) -> str | None:
     """Why ``path`` cannot be (or become) a folder fmtune writes into, or None."""
+    if path == os.devnull:  # previews that write nothing name it
+        return None
     if os.path.exists(path):
         return None if os.path.isdir(path) else f"{name} {path} is a file, not a folder"
     parent = os.path.dirname(os.path.abspath(path))

@@ -23,7 +23,9 @@ def add_options(register):
     register("add_special_tokens", list, None, "Tokens to add to the tokenizer (embeddings are "
              "resized).")
     register("padding_free", bool, False, "Batch examples back to back without padding; "
-             "position_ids restart per example so no example attends to another.")
+             "position_ids restart per example so no example attends to another "
+             "(fms-hf-tuning's `--padding_free huggingface` means true).",
+             true_words=("huggingface",))
     register("packing", bool, False, "Pack examples into rows of max_seq_length (no attention "
              "across examples, as with padding_free).")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fmtune.config import suggest
+from fmtune.config import load_yaml_text, suggest
 
 from .handlers import Registry
 from .loading import DataError, load_paths, split_paths
@@ -155,9 +155,14 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
     if not os.path.isfile(path):
         raise DataError(f"{path}: data_config file not found")
     try:
-        raw = yaml.safe_load(open(path, encoding="utf-8")) or {}
+        with open(path, encoding="utf-8") as f:
+            raw = load_yaml_text(f.read()) or {}
     except yaml.YAMLError as e:
-        raise DataError(f"{path}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise DataError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: must be a mapping with dataprocessor and datasets")
     for key in raw:

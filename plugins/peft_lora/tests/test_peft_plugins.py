@@ -15,6 +15,7 @@ from fmtune.testing import run_cli, wrapped_model
 
 LORA_OPTS = ["peft_method", "continue_from_adapter", "r", "lora_alpha", "lora_dropout",
              "target_modules", "modules_to_save", "use_rslora", "use_dora", "init_lora_weights",
+             "exclude_modules", "layers_to_transform", "layers_pattern",
              "lora_post_process_for_vllm"]
 QLORA_OPTS = ["load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
               "bnb_4bit_compute_dtype"]

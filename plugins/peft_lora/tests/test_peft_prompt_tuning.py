@@ -18,6 +18,13 @@ from fmtune.testing import run_cli
 
 INIT_TEXT = "translate: the"
 
+def placeholder_data(folder) -> str:
+    """A one-record data file: validation checks the data path exists; these tests never read it."""
+    from fmtune.testing import DEMO_RECORDS, write_jsonl
+
+    return write_jsonl(folder / "x.jsonl", DEMO_RECORDS[:1])
+
+
 
 @pytest.fixture(scope="module")
 def pt_run(responsive_model, data, tmp_path_factory, peft_helpers):
@@ -31,7 +38,7 @@ def pt_run(responsive_model, data, tmp_path_factory, peft_helpers):
 
 def test_text_init_copies_the_text_token_embeddings(fmtune_tiny_model, tmp_path):
     config, pm, _, _ = load_config([
-        "--model_name_or_path", fmtune_tiny_model, "--training_data_path", "x.jsonl",
+        "--model_name_or_path", fmtune_tiny_model, "--training_data_path", placeholder_data(tmp_path),
         "--output_dir", str(tmp_path), "--plugins", "prompt_tuning", "--num_virtual_tokens", "6",
         "--prompt_tuning_init", "TEXT", "--prompt_tuning_init_text", INIT_TEXT])
     validate(config, pm)

@@ -15,6 +15,13 @@ from fmtune.cli import load_config
 from fmtune.pipeline import validate
 from fmtune.testing import run_cli
 
+def placeholder_data(folder) -> str:
+    """A one-record data file: validation checks the data path exists; these tests never read it."""
+    from fmtune.testing import DEMO_RECORDS, write_jsonl
+
+    return write_jsonl(folder / "x.jsonl", DEMO_RECORDS[:1])
+
+
 
 @contextlib.contextmanager
 def fmtune_log():
@@ -38,7 +45,7 @@ def fmtune_log():
 
 def load(model_dir, tmp_path, *extra):
     config, pm, _, _ = load_config(["--model_name_or_path", model_dir, "--training_data_path",
-                                    "x.jsonl", "--output_dir", str(tmp_path), *extra])
+                                    placeholder_data(tmp_path), "--output_dir", str(tmp_path), *extra])
     validate(config, pm)
     with fmtune_log() as records:
         model = pm.hook.load_model(config=config, tokenizer=pm.hook.load_tokenizer(config=config))
@@ -87,7 +94,7 @@ def test_attention_choices_without_fallback(extra, expected, fmtune_tiny_model, 
 def test_attention_option_errors(fmtune_tiny_model, tmp_path):
     def err(*extra):
         res = run_cli(["train", "--model_name_or_path", fmtune_tiny_model, "--training_data_path",
-                       "x.jsonl", "--output_dir", str(tmp_path / "o"), *extra])
+                       placeholder_data(tmp_path), "--output_dir", str(tmp_path / "o"), *extra])
         assert res.exit_code == 2 and not (tmp_path / "o").exists()
         return res.stderr.strip().removeprefix("fmtune: error: invalid config: ")
 

@@ -21,6 +21,13 @@ from fmtune_quant_gptq.testing import build_mxfp4_model, e2m1
 
 PROMPT = "what is two plus two?"
 
+def placeholder_data(folder) -> str:
+    """A one-record data file: validation checks the data path exists; these tests never read it."""
+    from fmtune.testing import DEMO_RECORDS, write_jsonl
+
+    return write_jsonl(folder / "x.jsonl", DEMO_RECORDS[:1])
+
+
 
 @pytest.fixture(scope="module")
 def mxfp4(tmp_path_factory):
@@ -35,7 +42,7 @@ def load_base(path):
 
 def loaded(path, tmp_path, *extra):
     config, pm, _, _ = load_config(["--model_name_or_path", path, "--training_data_path",
-                                    "x.jsonl", "--output_dir", str(tmp_path), "--plugins",
+                                    placeholder_data(tmp_path), "--output_dir", str(tmp_path), "--plugins",
                                     "mxfp4", "--dequantize", "true", *extra])
     validate(config, pm)
     tok = pm.hook.load_tokenizer(config=config)

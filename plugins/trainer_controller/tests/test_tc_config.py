@@ -245,7 +245,7 @@ def test_bad_controller_file_stops_before_anything_loads(tmp_path):
         """)
     out = tmp_path / "out"
     res = run_cli(["train", "--plugins", "trainer_controller", "--trainer_controller_config_file",
-                   path, "--model_name_or_path", str(tmp_path / "no-model-needed"),
+                   path, "--model_name_or_path", str(tmp_path),  # never loaded
                    "--training_data_path", write_jsonl(tmp_path / "d.jsonl", [{"input": "a",
                                                                               "output": "b"}]),
                    "--output_dir", str(out)])
