@@ -455,7 +455,8 @@ def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
         "model_name_or_path": config.model_name_or_path,
         "global_step": state.global_step,
         "epoch": state.epoch,
-        "final_loss": losses[-1] if losses else None,
+        # the last logged loss; a run shorter than logging_steps logged none: its mean loss
+        "final_loss": losses[-1] if losses else result.training_loss,
         "train_loss": result.training_loss,
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "train_tokens": tokens,
