@@ -147,10 +147,11 @@ def test_paths_checked_before_anything_loads(tmp_path):
     afile.write_text("x")
     (tmp_path / "data").mkdir()
     cases = [
-        (["--output_dir", str(afile)], f"output_dir {afile} is a file, not a folder"),
-        (["--output_dir", str(afile / "sub")], f"{afile} is a file, so the folder cannot be "
-                                                "created"),
-        (["--save_model_dir", str(afile)], f"save_model_dir {afile} is a file"),
+        (["--output_dir", str(afile)], f"output_dir {afile}: exists and is not a folder"),
+        (["--output_dir", str(afile / "sub")], f"output_dir {afile / 'sub'}: cannot create it, "
+                                                f"{afile} is a file"),
+        (["--save_model_dir", str(afile)], f"save_model_dir {afile}: exists and is not a "
+                                           "folder"),
         (["--model_name_or_path", "./typo-model"], "model_name_or_path ./typo-model: no such "
                                                    "folder"),
         (["--training_data_path", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),

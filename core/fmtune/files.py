@@ -20,6 +20,21 @@ def write_json(path: str, data: Any, **dump_kwargs: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, **dump_kwargs))
 
 
+def folder_problem(path: str) -> str | None:
+    """Why a run cannot write into the folder ``path`` (creating it if needed), checked without
+    writing anything; None when it can. The reason reads after ``"{path}: "``."""
+    if os.path.exists(path):
+        return None if os.path.isdir(path) else "exists and is not a folder"
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot create it, {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create it, {existing} is not writable"
+    return None
+
+
 def read_json_object(path: str) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing, unreadable or not an object."""
     try:

@@ -210,30 +210,16 @@ def _problems_for(config):
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv")
 
 
-def _folder_problem(name: str, path: str) -> str | None:
-    """Why ``path`` cannot be (or become) a folder fmtune writes into, or None."""
-    if path == os.devnull:  # previews that write nothing name it
-        return None
-    if os.path.exists(path):
-        return None if os.path.isdir(path) else f"{name} {path} is a file, not a folder"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{name} {path}: {parent} is a file, so the folder cannot be created"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{name} {path}: cannot create it, {parent} is not writable"
-    return None
-
-
 def _path_problems(config) -> list[str]:
     """Paths checked before anything loads (a typo used to surface after minutes of work)."""
     problems = []
+    from fmtune.files import folder_problem
+
     for name in ("output_dir", "save_model_dir"):
-        if config.get(name):
-            found = _folder_problem(name, config.get(name))
-            if found:
-                problems.append(found)
+        path = config.get(name)
+        why = folder_problem(path) if path and path != os.devnull else None  # previews: devnull
+        if why:
+            problems.append(f"{name} {path}: {why}")
     model = config.model_name_or_path
     if model and not os.path.exists(model) and (
             model.startswith((".", "/", "~")) or model.count("/") > 1):

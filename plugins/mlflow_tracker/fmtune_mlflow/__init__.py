@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from fmtune import hookimpl
-from fmtune.files import read_json_object, write_json
+from fmtune.files import folder_problem, read_json_object, write_json
 from fmtune.config import ConfigError
 
 log = logging.getLogger("fmtune")
@@ -88,16 +88,8 @@ def normalize_uri(uri: str) -> str:
 
 
 def _local_folder_problem(path: str, what: str) -> str | None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"{what}: {path} exists and is not a folder"
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{what}: cannot create {path}, {existing} is a file"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{what}: {existing} is not writable"
-    return None
+    why = folder_problem(path)
+    return f"{what}: {path}: {why}" if why else None
 
 
 def uri_problem(uri: str) -> str | None:

@@ -141,8 +141,8 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("uri, message", [
-    ("file:{file}", "mlflow_tracking_uri file://{file}: {file} exists and is not a folder"),
-    ("{file}/sub", "cannot create {file}/sub, {file} is a file"),
+    ("file:{file}", "mlflow_tracking_uri file://{file}: {file}: exists and is not a folder"),
+    ("{file}/sub", "{file}/sub: cannot create it, {file} is a file"),
     ("sqlite:///{tmp}/missing/mlflow.db", "the folder {tmp}/missing does not exist"),
     ("http://127.0.0.1:{port}", "cannot reach the tracking server at 127.0.0.1:{port} "
                                 "(Connection refused)"),
