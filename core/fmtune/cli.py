@@ -142,7 +142,7 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
     # fms-hf-tuning's feature flags (--peft_method lora, --trackers aim, --data_config_path F)
     # activate the installed plugin that declares them (plugins.Implication)
     available = plugin_mod.installed()
-    for plugin, reason in plugin_mod.implied(yaml_values, cli_pairs, names):
+    for plugin, reason in plugin_mod.implied(yaml_values, cli_pairs, names, available):
         info = available[plugin]
         log.info("%s activates plugin %r (%s %s)", reason, plugin, info.distribution,
                  info.version)
@@ -196,7 +196,7 @@ def cmd_train(argv: list[str], extra_plugins: list[Any] = ()) -> int:
         return code
     summary = train(config, pm)
     if is_main_process() and summary.get("data_only"):
-        print(f"fmtune: data processed, no training (do_dataprocessing_only): "
+        print("fmtune: data processed, no training (do_dataprocessing_only): "
               + "; ".join(f"{v['rows']} rows in {v['folder']}" for k, v in summary.items()
                           if isinstance(v, dict)))
     elif is_main_process():

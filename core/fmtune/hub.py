@@ -10,6 +10,11 @@ from .config import ConfigError
 from .files import read_json_object
 
 
+def looks_local(path: str) -> bool:
+    """A path that can only mean a local folder (a hub id is written ``org/name``)."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
 def from_pretrained(loader: Callable[..., Any], path: str, what: str, *,
                     trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """``loader(path, **kwargs)`` for a folder, else cache first, then the hub.
@@ -31,7 +36,7 @@ def from_pretrained(loader: Callable[..., Any], path: str, what: str, *,
             if not trust_remote_code and "trust_remote_code" in str(e):
                 raise ConfigError(remote_code_refused(what, path)) from None
             raise ConfigError(f"{what} {path}: cannot be loaded from this folder: {first}") from None
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if looks_local(path):
         raise ConfigError(f"{what} {path}: no such folder")
     try:
         return loader(path, local_files_only=True, **kwargs)

@@ -150,7 +150,8 @@ def _given(yaml_values: dict, cli_pairs: list, options: set[str]) -> list[tuple[
     return given
 
 
-def implied(yaml_values: dict, cli_pairs: list, active: list[str]) -> list[tuple[str, str]]:
+def implied(yaml_values: dict, cli_pairs: list, active: list[str],
+            available: dict[str, PluginInfo] | None = None) -> list[tuple[str, str]]:
     """``(plugin, reason)`` for each installed plugin that an option asks for (see
     :class:`Implication`), unless a plugin of the same distribution is already active (its
     options then say which of its methods runs). A value that names no installed plugin is
@@ -158,7 +159,7 @@ def implied(yaml_values: dict, cli_pairs: list, active: list[str]) -> list[tuple
     specs = implications()
     if not specs:
         return []
-    available = installed()
+    available = installed() if available is None else available
     active_dists = {available[n].distribution for n in active if n in available}
     found: list[tuple[str, str]] = []
     for option, values in _given(yaml_values, cli_pairs, {s.option for s in specs}):

@@ -597,38 +597,22 @@ def translate(data: dict[str, Any], kind: str, where: str) -> tuple[dict[str, An
 def write_preferences(sources: list[str], out: str | os.PathLike, where: str) -> None:
     """Silogen's preference JSONL (``prompt_messages``/``chosen_messages``/
     ``rejected_messages``) -> fmtune dpo's ``prompt``/``chosen``/``rejected`` JSONL."""
+    from .default_plugins.data import read_records, record_where
+
+    rows = []
+    for src in sources:  # errors name the file and the line or record, as for any data file
+        for i, rec in enumerate(read_records(src)):
+            row = {}
+            for old, new in PREFERENCE_FIELDS:
+                msgs = rec.get(old)
+                if not isinstance(msgs, list):
+                    raise ConfigError(f"{record_where(src, rec, i)}: missing field {old!r} (a "
+                                      "list of chat messages)")
+                row[new] = [{"role": m.get("role"), "content": m.get("content")}
+                            if isinstance(m, dict) else m for m in msgs]
+            rows.append(row)
     with open(out, "w", encoding="utf-8") as fo:
-        for src in sources:
-            try:
-                text = Path(src).read_text(encoding="utf-8")
-            except OSError as e:
-                raise ConfigError(f"{where}: data file {src}: {e.strerror or e}") from None
-            stripped = text.lstrip()
-            if stripped.startswith("["):  # a JSON list (Silogen's tests write these)
-                try:
-                    records = list(enumerate(json.loads(text), 1))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{src}: invalid JSON: {e.msg} (line {e.lineno})") from None
-            else:
-                records = []
-                for n, line in enumerate(text.splitlines(), 1):
-                    if line.strip():
-                        try:
-                            records.append((n, json.loads(line)))
-                        except json.JSONDecodeError as e:
-                            raise ConfigError(f"{src}:{n}: invalid JSON: {e.msg}") from None
-            for n, rec in records:
-                if not isinstance(rec, dict):
-                    raise ConfigError(f"{src}:{n}: a record must be an object")
-                row = {}
-                for old, new in PREFERENCE_FIELDS:
-                    msgs = rec.get(old)
-                    if not isinstance(msgs, list):
-                        raise ConfigError(f"{src}:{n}: missing field {old!r} (a list of chat "
-                                          "messages)")
-                    row[new] = [{"role": m.get("role"), "content": m.get("content")}
-                                if isinstance(m, dict) else m for m in msgs]
-                fo.write(json.dumps(row) + "\n")
+        fo.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def materialize(p: Plan, folder: str | os.PathLike, where: str) -> dict[str, Any]:

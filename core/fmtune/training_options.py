@@ -11,6 +11,7 @@ installed transformers version (``training_options.json``, written by
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ def _cache_file(version: str) -> Path:
     return root / f"training_options-{version}.json"
 
 
+@functools.cache
 def table() -> list[dict[str, Any]]:
     """The rows for the installed transformers version (shipped, cached, or built now)."""
     version = transformers_version()

@@ -151,10 +151,7 @@ def fit_to_tokenizer(model, tokenizer, config=None):
         target = -(-max(len(tokenizer), rows) // multiple) * multiple
         log.info("resizing embeddings to %d rows (tokenizer: %d tokens%s)", target,
                  len(tokenizer), f", a multiple of {multiple}" if multiple > 1 else "")
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=(
-            multiple if multiple > 1 else None))
-        if model.get_input_embeddings().weight.shape[0] < target:
-            model.resize_token_embeddings(target)
+        model.resize_token_embeddings(target)  # grows only: no existing row is dropped
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id

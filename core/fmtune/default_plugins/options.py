@@ -220,9 +220,10 @@ def _path_problems(config) -> list[str]:
         why = folder_problem(path) if path and path != os.devnull else None  # previews: devnull
         if why:
             problems.append(f"{name} {path}: {why}")
+    from fmtune.hub import looks_local
+
     model = config.model_name_or_path
-    if model and not os.path.exists(model) and (
-            model.startswith((".", "/", "~")) or model.count("/") > 1):
+    if model and not os.path.exists(model) and looks_local(model):
         problems.append(f"model_name_or_path {model}: no such folder (a hub id is written "
                         "org/name)")
     for name in ("training_data_path", "validation_data_path"):
