@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 from typing import Any, Callable
 
 from .config import ConfigError
 from .files import read_json_object
+
+
+def quant_method(model_or_folder: Any) -> str | None:
+    """The ``quant_method`` of a loaded model's config, or of a local folder's config.json."""
+    if isinstance(model_or_folder, str):
+        cfg = read_json_object(os.path.join(model_or_folder, "config.json")) or {}
+        quant = cfg.get("quantization_config")
+    else:
+        quant = getattr(getattr(model_or_folder, "config", None), "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
+        quant, "quant_method", None)
+    method = getattr(method, "value", method)
+    return str(method).lower() if method else None
+
+
+@contextlib.contextmanager
+def without_unused_gptqmodel(method: str | None):
+    """peft asks, for every layer it adapts or loads an adapter onto, whether it is a gptqmodel
+    layer, and imports gptqmodel to find out whenever it is installed: ~1 s of imports (triton,
+    torchao, ...), a banner on stdout and environment variables changed (PYTORCH_ALLOC_CONF,
+    CUDA_DEVICE_ORDER) where no GPTQ model is used. Unless the base's ``method`` (its
+    quantization_config's quant_method) is gptq/awq, gptqmodel is hidden from peft inside the
+    block (peft's cached answer is cleared before and after)."""
+    if "gptqmodel" in sys.modules or method in ("gptq", "awq"):
+        yield
+        return
+    from peft import import_utils
+
+    import_utils.is_gptqmodel_available.cache_clear()
+    sys.modules["gptqmodel"] = None  # find_spec() answers None, import raises ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("gptqmodel", 0) is None:
+            del sys.modules["gptqmodel"]
+        import_utils.is_gptqmodel_available.cache_clear()
 
 
 def looks_local(path: str) -> bool:

@@ -45,9 +45,13 @@ def _load(path: str, trust_remote_code: bool, base_override: str | None = None):
             raise ConfigError(f"{path}: adapter folder has no tokenizer and no base model path")
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tok_src, "tokenizer",
                                     trust_remote_code=trust_remote_code)
+        from .hub import quant_method, without_unused_gptqmodel
+
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(path,
-                                                             trust_remote_code=trust_remote_code)
+            with without_unused_gptqmodel(quant_method(base) if base and os.path.isdir(base)
+                                          else None):
+                model = AutoPeftModelForCausalLM.from_pretrained(
+                    path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             if not trust_remote_code and "trust_remote_code" in str(e):
                 from .hub import remote_code_refused
@@ -74,7 +78,7 @@ def _adapter_on(path: str, base: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .default_plugins.model import fit_to_tokenizer
-    from .hub import from_pretrained
+    from .hub import from_pretrained, quant_method, without_unused_gptqmodel
 
     tok_src = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tok_src, "tokenizer",
@@ -83,8 +87,9 @@ def _adapter_on(path: str, base: str, trust_remote_code: bool):
                             trust_remote_code=trust_remote_code)
     fit_to_tokenizer(model, tokenizer)
     try:
-        return PeftModel.from_pretrained(model, path), tokenizer
-    except (OSError, ValueError, RuntimeError) as e:
+        with without_unused_gptqmodel(quant_method(model)):
+            return PeftModel.from_pretrained(model, path), tokenizer
+    except (OSError, ValueError, RuntimeError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: the adapter does not fit the base model {base}: "
                           f"{first}") from None

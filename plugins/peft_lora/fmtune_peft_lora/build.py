@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import weakref
 
 from fmtune.config import ConfigError
+from fmtune.hub import quant_method, without_unused_gptqmodel
 
 from .selection import init_lora_weights, mutates_base, select
 
@@ -261,38 +260,12 @@ def wrap(model, config, tokenizer):
     elif config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need grads
     set_seed(config.seed)  # the adapter's random init depends on the seed only
-    with without_unused_gptqmodel(model):
+    with without_unused_gptqmodel(quant_method(model)):
         peft_model = _peft_model(model, config, tokenizer, sel)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("%s: training %d of %d parameters (%.2f%%)", describe(sel, config), trainable, total,
              100 * trainable / max(total, 1))
     return peft_model
-
-
-@contextlib.contextmanager
-def without_unused_gptqmodel(model):
-    """peft asks, for every layer it adapts, whether it is a gptqmodel layer, and imports
-    gptqmodel to find out whenever it is installed: ~1 s of imports (triton, torchao, ...), a
-    banner on stdout and environment variables changed (PYTORCH_ALLOC_CONF, CUDA_DEVICE_ORDER)
-    in runs that use no GPTQ model. For a model without a GPTQ quantization_config, gptqmodel is
-    hidden from peft while the adapter is built (peft's cached answer is cleared afterwards)."""
-    quant = getattr(getattr(model, "config", None), "quantization_config", None)
-    method = (quant.get("quant_method") if isinstance(quant, dict)
-              else getattr(quant, "quant_method", None))
-    if "gptqmodel" in sys.modules or str(getattr(method, "value", method)).lower() in (
-            "gptq", "awq"):
-        yield
-        return
-    from peft import import_utils
-
-    import_utils.is_gptqmodel_available.cache_clear()
-    sys.modules["gptqmodel"] = None  # find_spec() answers None, import raises ImportError
-    try:
-        yield
-    finally:
-        if sys.modules.get("gptqmodel", 0) is None:
-            del sys.modules["gptqmodel"]
-        import_utils.is_gptqmodel_available.cache_clear()
 
 
 def _peft_model(model, config, tokenizer, sel):

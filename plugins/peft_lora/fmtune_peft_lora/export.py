@@ -118,20 +118,29 @@ def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "floa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fmtune.default_plugins.model import fit_to_tokenizer
-    from fmtune.hub import from_pretrained
+    from fmtune.hub import from_pretrained, quant_method, without_unused_gptqmodel
 
     cfg = _adapter_config(adapter)
     base = _base_path(adapter, cfg, base)
     has_tok = os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained,
-                                tokenizer_path or (adapter if has_tok else base), "tokenizer",
-                                trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, adapter if has_tok else base,
+                                "tokenizer", trust_remote_code=trust_remote_code)
     extra = {"device_map": device_map} if device_map is not None else {}
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, base, "model",
                             trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype),
                             **extra)
-    fit_to_tokenizer(model, tokenizer)
-    return PeftModel.from_pretrained(model, adapter), tokenizer
+    fit_to_tokenizer(model, tokenizer)  # the adapter's tokenizer: its rows are what it trained
+    try:
+        with without_unused_gptqmodel(quant_method(model)):
+            peft_model = PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError, RuntimeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{adapter}: the adapter does not fit the base model {base}: "
+                          f"{first}") from None
+    if tokenizer_path:  # Silogen's merge_adapter --tokenizer: the tokenizer saved with it
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_path, "tokenizer",
+                                    trust_remote_code=trust_remote_code)
+    return peft_model, tokenizer
 
 
 def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32",

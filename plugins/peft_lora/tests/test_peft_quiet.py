@@ -39,6 +39,13 @@ def test_lora_run_is_quiet_and_never_imports_gptqmodel(fmtune_tiny_model, data, 
     assert state == {"code": 0, "gptqmodel": False, "alloc_conf": None}
     assert [n for n in NOISE if n in output] == []
     assert "fmtune: done" in output
+    # loading the adapter again (generate, merge) does not import it either
+    for argv in (["generate", "--model", str(tmp_path / "out"), "--text", "hello",
+                  "--max_new_tokens", "2"],
+                 ["merge", str(tmp_path / "out"), str(tmp_path / "merged")]):
+        state, output = _run(argv)
+        assert state == {"code": 0, "gptqmodel": False, "alloc_conf": None}, argv
+        assert [n for n in NOISE if n in output] == [], argv
 
 
 def test_verbose_lets_library_notices_through():
