@@ -27,6 +27,7 @@ from typing import Any
 
 from fmtune import hookimpl
 from fmtune.config import ConfigError
+from fmtune.truncation import char_budget, cut
 
 log = logging.getLogger("fmtune")
 IGNORE = -100
@@ -140,8 +141,9 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, counts
     out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
     if not pairs:
         return out
-    prompts = [p for p, _ in pairs]
-    fulls = [p + c for p, c in pairs]
+    budget = char_budget(tokenizer, max_len)  # a 50 MB record is not tokenized whole
+    prompts = [cut(p, budget) for p, _ in pairs]
+    fulls = [cut(p + c, budget) for p, c in pairs]
     p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if any(prompts) else [[] for _ in pairs]
     f_ids = tokenizer(fulls, add_special_tokens=True)["input_ids"]
     for (prompt, completion), pi, fi in zip(pairs, p_ids, f_ids):
@@ -150,7 +152,7 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, counts
         elif fi[: len(pi)] == pi:
             ci = fi[len(pi):]
         else:
-            ci = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            ci = tokenizer(cut(completion, budget), add_special_tokens=False)["input_ids"]
         if eos and eos_id is not None and (not ci or ci[-1] != eos_id):
             ci = ci + [eos_id]
         ids = pi + ci
