@@ -66,3 +66,67 @@ def test_a_tracker_that_is_not_installed_is_an_error():
 def test_padding_free_huggingface_as_fms_hf_tuning_writes_it():
     config, _, _, _ = load_config([*BASE, "--padding_free", "huggingface"])
     assert config.plugins == ["data_handlers"] and config.padding_free is True
+
+
+def _catalog_from_sources() -> dict:
+    """plugins/*/pyproject.toml -> {distribution: {plugins, implied_by}} (what
+    core/fmtune/known_plugins.json must hold)."""
+    import tomllib
+    from pathlib import Path
+
+    out = {}
+    for pyproject in sorted(Path(__file__).parents[1].glob("plugins/*/pyproject.toml")):
+        data = tomllib.loads(pyproject.read_text())
+        eps = data["project"].get("entry-points", {})
+        out[data["project"]["name"]] = {
+            "plugins": sorted(eps.get("fmtune", {})),
+            "implied_by": dict(sorted(eps.get("fmtune.implied_by", {}).items())),
+        }
+    return out
+
+
+def test_known_plugins_catalog_matches_the_plugins_pyprojects():
+    """The core's catalog of first-party distributions is data generated from the plugins'
+    own declarations (FMTUNE_WRITE_DOCS=1 rewrites it)."""
+    import json
+    import os
+
+    from fmtune.plugins import KNOWN_FILE
+
+    want = json.dumps(_catalog_from_sources(), indent=1) + "\n"
+    if os.environ.get("FMTUNE_WRITE_DOCS") == "1":
+        KNOWN_FILE.write_text(want)
+    assert KNOWN_FILE.read_text() == want, "run FMTUNE_WRITE_DOCS=1 pytest " + __file__
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["--peft_method", "lora"], "--peft_method lora needs plugin 'lora', which is not "
+     "installed: pip install fmtune-peft-lora"),
+    (["--tracker", "aim"], "--trackers aim needs plugin 'aim', which is not installed: "
+     "pip install fmtune-aim"),
+    (["--data_config", "d.yaml"], "--data_config_path needs plugin 'data_handlers', which is "
+     "not installed: pip install fmtune-data-handlers"),
+])
+def test_a_flag_whose_plugin_is_not_installed_names_the_distribution(monkeypatch, argv, line):
+    """As a user with only the core installed sees it: one line, the pip command."""
+    import fmtune.plugins as plugins
+
+    everything = plugins.installed()
+    dist = {"lora": "fmtune-peft-lora", "aim": "fmtune-aim",
+            "data_handlers": "fmtune-data-handlers"}[line.split("'")[1]]
+    monkeypatch.setattr(plugins, "installed", lambda: {
+        n: i for n, i in everything.items() if i.distribution != dist})
+    with pytest.raises(ConfigError) as err:
+        load_config([*BASE, *argv])
+    assert str(err.value) == line
+
+
+def test_plugins_names_a_missing_first_party_plugins_distribution(monkeypatch):
+    import fmtune.plugins as plugins
+
+    everything = plugins.installed()
+    monkeypatch.setattr(plugins, "installed", lambda: {
+        n: i for n, i in everything.items() if n != "mlflow"})
+    with pytest.raises(plugins.PluginError, match=r"plugin 'mlflow' is not installed "
+                       r"\(pip install fmtune-mlflow\)"):
+        plugins.load(["mlflow"])

@@ -147,6 +147,9 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
         log.info("%s activates plugin %r (%s %s)", reason, plugin, info.distribution,
                  info.version)
         names.append(plugin)
+    missing = plugin_mod.not_installed(yaml_values, cli_pairs, available)
+    if missing:
+        raise ConfigError("; ".join(missing))
     pm = plugin_mod.new_manager()
     for obj in extra_plugins:
         pm.register(obj)

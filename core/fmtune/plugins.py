@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import json
 import weakref
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -150,24 +152,16 @@ def _given(yaml_values: dict, cli_pairs: list, options: set[str]) -> list[tuple[
     return given
 
 
-def implied(yaml_values: dict, cli_pairs: list, active: list[str],
-            available: dict[str, PluginInfo] | None = None) -> list[tuple[str, str]]:
-    """``(plugin, reason)`` for each installed plugin that an option asks for (see
-    :class:`Implication`), unless a plugin of the same distribution is already active (its
-    options then say which of its methods runs). A value that names no installed plugin is
-    left to the option's own check."""
-    specs = implications()
-    if not specs:
-        return []
-    available = installed() if available is None else available
-    active_dists = {available[n].distribution for n in active if n in available}
-    found: list[tuple[str, str]] = []
-    for option, values in _given(yaml_values, cli_pairs, {s.option for s in specs}):
+def _matches(specs: list[Implication], given: list[tuple[str, list]],
+             wanted) -> list[tuple[Implication, str]]:
+    """``(implication, reason)`` for each spec (kept by ``wanted``) an option the user gave
+    asks for, first match per plugin, in the order the user wrote them."""
+    found: dict[str, tuple[Implication, str]] = {}
+    for option, values in given:
         words = []
         for v in values:
             words += [w.strip().lower() for w in str(v).split(",") if w.strip()]
-        mine = [s for s in specs if s.option == option and s.plugin not in active
-                and s.plugin in available and s.distribution not in active_dists]
+        mine = [s for s in specs if s.option == option and wanted(s)]
         hits = [s for s in mine if s.value is None]  # the option is the plugin's: any value
         for word in words:  # in the order the user wrote them
             hits += [s for s in mine if s.value is not None and "*" not in s.value and (
@@ -176,10 +170,66 @@ def implied(yaml_values: dict, cli_pairs: list, active: list[str],
             hits += [s for s in mine if s.value and "*" in s.value
                      and fnmatch.fnmatchcase(str(value).lower(), s.value)]
         for spec in hits:
-            if spec.plugin not in dict(found):
-                found.append((spec.plugin, f"--{option}" + (f" {spec.value}" if spec.value
-                                                            else "")))
-    return found
+            if spec.plugin not in found:
+                found[spec.plugin] = (spec, f"--{option}" + (f" {spec.value}" if spec.value
+                                                             else ""))
+    return list(found.values())
+
+
+def implied(yaml_values: dict, cli_pairs: list, active: list[str],
+            available: dict[str, PluginInfo] | None = None) -> list[tuple[str, str]]:
+    """``(plugin, reason)`` for each installed plugin that an option asks for (see
+    :class:`Implication`), unless a plugin of the same distribution is already active (its
+    options then say which of its methods runs). A value that names no installed plugin is
+    left to :func:`not_installed` and the option's own check."""
+    specs = implications()
+    if not specs:
+        return []
+    available = installed() if available is None else available
+    active_dists = {available[n].distribution for n in active if n in available}
+    given = _given(yaml_values, cli_pairs, {s.option for s in specs})
+    return [(spec.plugin, reason) for spec, reason in _matches(
+        specs, given, lambda s: s.plugin not in active and s.plugin in available
+        and s.distribution not in active_dists)]
+
+
+# fmtune's first-party plugin distributions and what their flags imply, so that a flag asking
+# for one that is not installed names the distribution to pip install. Data, not code: the core
+# imports no plugin; tests/test_implied_plugins.py rebuilds it from plugins/*/pyproject.toml
+# and fails when it drifts (FMTUNE_WRITE_DOCS=1 rewrites it).
+KNOWN_FILE = Path(__file__).with_name("known_plugins.json")
+
+
+def known_distributions() -> dict[str, dict[str, Any]]:
+    """``{distribution: {"plugins": [...], "implied_by": {"OPTION[:VALUE]": plugin}}}``."""
+    try:
+        return json.loads(KNOWN_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def distribution_of(plugin: str) -> str | None:
+    """The first-party distribution that provides ``plugin`` (None when unknown)."""
+    for dist, info in known_distributions().items():
+        if plugin in info.get("plugins", ()):
+            return dist
+    return None
+
+
+def not_installed(yaml_values: dict, cli_pairs: list,
+                  available: dict[str, PluginInfo] | None = None) -> list[str]:
+    """One line for each first-party plugin an option asks for that is not installed:
+    ``--peft_method lora needs plugin 'lora': pip install fmtune-peft-lora``."""
+    available = installed() if available is None else available
+    specs = []
+    for dist, info in known_distributions().items():
+        for key, plugin in info.get("implied_by", {}).items():
+            option, _, value = key.partition(":")
+            specs.append(Implication(option, value.lower() or None, plugin, dist))
+    given = _given(yaml_values, cli_pairs, {s.option for s in specs})
+    return [f"{reason} needs plugin {spec.plugin!r}, which is not installed: "
+            f"pip install {spec.distribution}"
+            for spec, reason in _matches(specs, given, lambda s: s.plugin not in available)]
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -216,8 +266,10 @@ def load(names: list[str], pm: pluggy.PluginManager | None = None) -> pluggy.Plu
         info = available.get(name)
         if info is None:
             from .config import suggest
+            dist = distribution_of(name)
+            install = f" (pip install {dist})" if dist else ""
             raise PluginError(
-                f"plugin {name!r} is not installed{suggest(name, available)}; "
+                f"plugin {name!r} is not installed{install}{suggest(name, available)}; "
                 f"installed plugins: {listing}"
             )
         why = info.incompatibility()
