@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fmtune import plugins as plugin_mod
 from fmtune.cli import registry_for
+from fmtune.training_options import LEGACY
 from fmtune.training_options import names as training_argument_names
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "migrating.md"
@@ -51,10 +52,12 @@ its version); the column "activates" below lists them. `--plugins a,b` stays the
 - **`include_tokens_per_second`** (a transformers 4 field) is accepted and changes nothing:
   tokens/s is always in `run_summary.json`.
 - **Options of transformers 5**: the `TrainingArguments` fields are those of the installed
-  transformers (5.x); fields transformers 4.x had and 5.x removed are unknown options, except
-  `evaluation_strategy` (an alias of `eval_strategy`) and `include_tokens_per_second`.
+  transformers (5.x). `evaluation_strategy` is an alias of `eval_strategy`; the other fields
+  transformers 4.x had and 5.x removed are carried over (table "transformers 4 names" below).
 - **Strictness**: an unknown flag, a wrong type or a value outside an option's choices is a
   one-line error (exit 2) before anything loads, where fms-hf-tuning sometimes ignores it.
+
+{legacy}
 
 ## Every option
 
@@ -72,7 +75,20 @@ def render() -> str:
     for spec in plugin_mod.implications():
         activates.setdefault(spec.option, []).append(
             f"`{spec.plugin}`" + (f" ({spec.value})" if spec.value else ""))
-    lines = [INTRO, "| option | owner | type | default | activates |",
+    legacy = ["### transformers 4 names", "",
+              "Fields of transformers 4's `TrainingArguments` that transformers 5 removed "
+              "(from `fmtune.training_options.LEGACY`):", "",
+              "| transformers 4 | in fmtune |", "|---|---|"]
+    for name, (_, default, action) in LEGACY.items():
+        if isinstance(action, str) and action in ta:
+            how = f"same value as `{action}`"
+        elif isinstance(action, str):
+            how = f"its old default `{default!r}` accepted, no effect; other values refused: {action}"
+        else:
+            how = " ".join((action.__doc__ or "").split()) or "carried over (see the code)"
+        legacy.append(f"| `{name}` | {how} |")
+    intro = INTRO.replace("{legacy}", "\n".join(legacy))
+    lines = [intro, "| option | owner | type | default | activates |",
              "|---|---|---|---|---|"]
     for name in sorted(registry.options):
         opt = registry.options[name]
@@ -100,7 +116,8 @@ def test_migrating_doc_matches_the_code():
 
 def test_every_option_of_the_doc_is_accepted():
     """The table is not just text: every row's option resolves in a run with its plugins."""
-    rows = [line.split("|")[1].strip() for line in render().splitlines()
+    table = render().split("## Every option", 1)[1]
+    rows = [line.split("|")[1].strip() for line in table.splitlines()
             if line.startswith("| `")]
     names = [r.split("`")[1] for r in rows]
     assert "bf16" in names and "peft_method" in names and "data_config_path" in names

@@ -201,6 +201,12 @@ class Config:
         self._values[name] = value
         self._sources[name] = "set by a plugin"
 
+    def set_from(self, name: str, value: Any, source: str) -> None:
+        """Set ``name`` as if it came from ``source`` (a translation of the user's own value,
+        e.g. a transformers-4 option name: it then counts as the user's)."""
+        self._values[name] = value
+        self._sources[name] = source
+
     def __contains__(self, name: str) -> bool:
         return name in self._values
 

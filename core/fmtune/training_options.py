@@ -114,6 +114,138 @@ def register_all(register, skip: set[str]) -> None:
                  weak=True)
 
 
+# transformers 4 TrainingArguments fields that transformers 5 removed, as fms-hf-tuning users
+# (and HF example scripts) still type them. Each stays an option with its transformers-4 type
+# and default: name -> (type, v4 default, how it carries over). "rename": the same value under
+# transformers 5's name; a function: the transformers 5 options it becomes; a string: removed
+# without a replacement: the v4 default is accepted (no effect), any other value is refused with
+# that reason. The options only exist when the installed transformers lacks the field.
+def _doc(text: str, fn):
+    fn.__doc__ = text  # what the doc table (docs/migrating.md) says the name becomes
+    return fn
+
+
+def _fsdp(key: str):
+    return lambda v, config: {"fsdp_config": {**_fsdp_dict(config), key: v}}
+
+
+def _fsdp_dict(config) -> dict:
+    current = config.get("fsdp_config")
+    if current is None:
+        return {}
+    if not isinstance(current, dict):
+        raise ValueError("give it inside the fsdp_config file instead (fsdp_config is a path)")
+    return dict(current)
+
+
+def _tensorboard_dir(value, config) -> dict:
+    # transformers 5's TensorBoard callback reads the folder from this variable
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(value)
+    return {}
+
+
+LEGACY: dict[str, tuple[str, Any, Any]] = {
+    "no_cuda": ("bool", False, "use_cpu"),
+    "per_gpu_train_batch_size": ("int", None, "per_device_train_batch_size"),
+    "per_gpu_eval_batch_size": ("int", None, "per_device_eval_batch_size"),
+    "push_to_hub_token": ("str", None, "hub_token"),
+    "torchdynamo": ("str", None, "torch_compile_backend"),
+    "push_to_hub_model_id": ("str", None, _doc(
+        "`hub_model_id` ORG/NAME (with `push_to_hub_organization`)",
+        lambda v, c: {"hub_model_id": "/".join(
+            x for x in (c.get("push_to_hub_organization"), v) if x)})),
+    "push_to_hub_organization": ("str", None, _doc(
+        "the ORG of `hub_model_id` (needs `push_to_hub_model_id`)",
+        lambda v, c: {} if c.get("push_to_hub_model_id") else _raise(
+            "needs push_to_hub_model_id (or use hub_model_id ORG/NAME)"))),
+    "include_inputs_for_metrics": ("bool", False, _doc(
+        "true: `include_for_metrics` [inputs]",
+        lambda v, c: {"include_for_metrics": ["inputs"]} if v else {})),
+    "tpu_metrics_debug": ("bool", False, _doc(
+        "true: `debug` tpu_metrics_debug",
+        lambda v, c: {"debug": "tpu_metrics_debug"} if v else {})),
+    "adafactor": ("bool", False, _doc(
+        "true: `optim` adafactor", lambda v, c: {"optim": "adafactor"} if v else {})),
+    "group_by_length": ("bool", False, _doc(
+        "true: `train_sampling_strategy` group_by_length",
+        lambda v, c: {"train_sampling_strategy": "group_by_length"} if v else {})),
+    "fsdp_min_num_params": ("int", 0, _doc("`fsdp_config` key min_num_params",
+                                           _fsdp("min_num_params"))),
+    "fsdp_transformer_layer_cls_to_wrap": ("str", None, _doc(
+        "`fsdp_config` key transformer_layer_cls_to_wrap",
+        _fsdp("transformer_layer_cls_to_wrap"))),
+    "logging_dir": ("str", None, _doc("the environment variable TENSORBOARD_LOGGING_DIR "
+                                      "(where transformers 5 reads it)", _tensorboard_dir)),
+    # HF example scripts: True = do not resume from the output_dir's checkpoints, start over
+    "overwrite_output_dir": ("bool", False, _doc(
+        "true: `resume_from_checkpoint` false (start over, as HF example scripts do)",
+        lambda v, c: {"resume_from_checkpoint": "false"} if v else {})),
+    "save_safetensors": ("bool", True, "transformers 5 always saves safetensors"),
+    "half_precision_backend": ("str", "auto", "transformers 5 has no apex backend; torch amp is "
+                               "used"),
+    "fp16_backend": ("str", "auto", "transformers 5 has no apex backend; torch amp is used"),
+    "fp16_opt_level": ("str", "O1", "it was apex's; transformers 5 has no apex backend"),
+    "use_mps_device": ("bool", False, "mps is used when available; --use_cpu true avoids it"),
+    "jit_mode_eval": ("bool", False, "no replacement"),
+    "mp_parameters": ("str", "", "no replacement (SageMaker model parallelism)"),
+    "past_index": ("int", -1, "no replacement"),
+    "ray_scope": ("str", "last", "no replacement"),
+    "tpu_num_cores": ("int", None, "no replacement (the launcher sets it)"),
+    "use_legacy_prediction_loop": ("bool", False, "no replacement"),
+}
+
+
+def _raise(why: str):
+    raise ValueError(why)
+
+
+def register_legacy(register, skip: set[str]) -> None:
+    """Register each :data:`LEGACY` name the installed TrainingArguments lacks."""
+    present = names()
+    for name, (type_name, default, action) in LEGACY.items():
+        if name in present or name in skip:
+            continue
+        if isinstance(action, str) and action in present:
+            how = f"transformers 4 name of {action}"
+        elif isinstance(action, str):
+            how = f"removed in transformers 5 ({action}); only its old default is accepted"
+        else:
+            how = "transformers 4 name; fmtune passes it on as transformers 5 spells it"
+        register(name, type_name, default, f"{how}.", weak=True)
+
+
+def translate_legacy(config) -> list[str]:
+    """Carry the transformers-4 names the user set over to transformers 5's (the new options
+    then count as set by the user); problems for values that have no transformers 5 meaning."""
+    problems = []
+    present = names()
+    for name, (_, default, action) in LEGACY.items():
+        if name in present or name not in config or config.source(name) in (
+                "default", "set by a plugin"):
+            continue
+        value = config.get(name)
+        try:
+            if isinstance(action, str) and action in present:
+                new = {action: value}
+            elif isinstance(action, str):
+                if value == default:
+                    log.info("%s: removed in transformers 5; its default %r has no effect",
+                             name, value)
+                    continue
+                raise ValueError(f"removed in transformers 5 ({action})")
+            else:
+                new = action(value, config)
+        except ValueError as e:
+            problems.append(f"{name} {value!r}: {e}")
+            continue
+        for key, val in new.items():
+            config.set_from(key, val, config.source(name))
+        if new:
+            log.info("%s (transformers 4) passed on as %s", name,
+                     ", ".join(f"{k}={v!r}" for k, v in new.items()))
+    return problems
+
+
 def main() -> None:
     """Write the shipped table for the installed transformers (run after `make lock`)."""
     data = build()

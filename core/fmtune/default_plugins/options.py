@@ -44,6 +44,7 @@ def add_options(register):
 
     _core_options(register_own)
     training_options.register_all(register, own)
+    training_options.register_legacy(register, own)
 
 
 def _core_options(register):
@@ -267,4 +268,7 @@ def _attn_problems(config) -> list[str]:
 
 @hookimpl(trylast=True)
 def validate_config(config):
-    return _problems_for(config)
+    from fmtune import training_options
+
+    # first: the transformers-4 names become the options the checks below read
+    return training_options.translate_legacy(config) + _problems_for(config)
