@@ -329,3 +329,219 @@ def test_commands_are_routed_from_the_fmtune_cli(tmp_path):
         assert res.exit_code == 2 and f"{missing}: config file not found" in res.stderr
     res = run_cli(["dpo", "preview", "--help"])
     assert res.exit_code == 0 and res.stdout.startswith("usage: fmtune dpo preview")
+
+
+# ------------------------------------------------------------------- generate
+# Silogen's `generate CONFIG.yaml OUTPUT.yaml` (finetuning.generate): `fmtune generate` with two
+# positional YAML paths.
+
+def _gen(tmp_path, cfg, name="gen.yaml"):
+    from fmtune.testing import run_cli
+
+    path, out = tmp_path / name, tmp_path / "generated.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run_cli(["generate", str(path), str(out)]), path, out
+
+
+def _fmtune_generate(tmp_path, model, texts, max_new_tokens, base=None):
+    """What `fmtune generate` (fmtune's own, greedy) answers for ``texts``."""
+    from fmtune.testing import run_cli
+
+    prompts, out = tmp_path / "prompts.json", tmp_path / "fmtune_out.json"
+    prompts.write_text(json.dumps(texts))
+    argv = ["generate", "--model", model, "--text_file", str(prompts), "--max_new_tokens",
+            str(max_new_tokens), "--out_file", str(out)]
+    res = run_cli(argv + (["--base_model_name_or_path", base] if base else []))
+    assert res.exit_code == 0, res.stderr
+    return [r["output"] for r in json.loads(out.read_text())]
+
+
+def test_generate_open_input_writes_silogens_records(tmp_path, fmtune_tiny_model):
+    from transformers import AutoTokenizer
+
+    prompt = "translate: the red cat sees a dog ="
+    res, _, out = _gen(tmp_path, {
+        "model_conf": {"model": fmtune_tiny_model},
+        "prompt_conf": {"type": "open-input", "input": prompt, "num_samples": 2},
+        "hf_gen_params": {"max_new_tokens": 5, "do_sample": False}})
+    assert res.exit_code == 0, res.stderr
+    assert f"wrote 2 generations to {out}" in res.stdout
+    records = yaml.safe_load(out.read_text())
+    assert isinstance(records, list) and len(records) == 2
+    expected = _fmtune_generate(tmp_path, fmtune_tiny_model, [prompt], 5)[0]
+    tok = AutoTokenizer.from_pretrained(fmtune_tiny_model)
+    for i, rec in enumerate(records):
+        assert tuple(rec) == silogen.GEN_OUTPUT_KEYS
+        assert rec["dataset"] == rec["data_collection"] == "_open_prompt_data_"
+        assert rec["id"] == str(i) and rec["prompt"] == prompt
+        assert rec["answer"] == expected  # greedy: what `fmtune generate` gives
+        assert rec["correct_answers"] == [""] and rec["test_type"] == "open-ended"
+        assert rec["truncated"] is False and rec["all_text_raw"].startswith(prompt)
+        assert rec["gen_params"] == {
+            "max_new_tokens": 5, "do_sample": False, "eos_token_id": [tok.eos_token_id],
+            "pad_token_id": tok.pad_token_id, "bos_token_id": None, "max_length": 2048,
+            "quant_conf": {},
+            "model_conf": {"model": fmtune_tiny_model, "tokenizer": fmtune_tiny_model}}
+    assert "&id" not in out.read_text()  # each record's gen_params written out
+
+
+def test_generate_cuts_prompts_to_max_length_minus_max_new_tokens(tmp_path, fmtune_tiny_model):
+    prompt = "translate: the red cat sees a dog = le chat rouge voit un chien"
+    res, _, out = _gen(tmp_path, {
+        "model_conf": {"model": fmtune_tiny_model},
+        "prompt_conf": {"type": "open-input", "input": prompt},
+        "hf_gen_params": {"max_length": 8, "max_new_tokens": 3}})
+    assert res.exit_code == 0, res.stderr
+    (rec,) = yaml.safe_load(out.read_text())
+    assert rec["truncated"] is True and rec["prompt"] == prompt  # Silogen keeps the full text
+    assert not rec["all_text_raw"].startswith(prompt)
+
+
+def test_generate_eval_data_with_adapter_and_chat_template(tmp_path, fmtune_tiny_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(3)  # a random adapter, so that it changes the answers
+    model = AutoModelForCausalLM.from_pretrained(fmtune_tiny_model)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "lora")
+    tok = AutoTokenizer.from_pretrained(fmtune_tiny_model)  # the same, with a chat template
+    tok.chat_template = CHAT_ML
+    tok.save_pretrained(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "eval.jsonl", [
+        {"dataset": "demo", "id": "q1", "response": "le chat",
+         "prompt_messages": [{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": "translate: the red cat"}]},
+        {"response": "un chien", "prompt_messages": [
+            {"role": "user", "content": "translate: a dog", "tags": []}]}])
+    res, _, out = _gen(tmp_path, {
+        "model_conf": {"model": fmtune_tiny_model, "adapter": str(tmp_path / "lora"),
+                       "tokenizer": str(tmp_path / "tok"), "model_args": {"dtype": "float32"}},
+        "prompt_conf": {"type": "eval-data", "data": {"path": data}},
+        "hf_gen_params": {"max_new_tokens": 4}})
+    assert res.exit_code == 0, res.stderr
+    records = yaml.safe_load(out.read_text())
+    prompts = [tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                        {"role": "user", "content": "translate: the red cat"}],
+                                       tokenize=False, add_generation_prompt=True),
+               tok.apply_chat_template([{"role": "user", "content": "translate: a dog"}],
+                                       tokenize=False, add_generation_prompt=True)]
+    assert [r["prompt"] for r in records] == prompts
+    assert [(r["dataset"], r["id"], r["correct_answers"]) for r in records] == [
+        ("demo", "q1", ["le chat"]), ("unknown", 1, ["un chien"])]
+    with_adapter = _fmtune_generate(tmp_path, str(tmp_path / "lora"), prompts, 4,
+                                    base=fmtune_tiny_model)
+    assert [r["answer"] for r in records] == with_adapter
+    assert with_adapter != _fmtune_generate(tmp_path, fmtune_tiny_model, prompts, 4)
+    assert records[0]["gen_params"]["model_conf"] == {
+        "model": fmtune_tiny_model, "adapter": str(tmp_path / "lora"),
+        "tokenizer": str(tmp_path / "tok"),
+        "model_args": {"dtype": "float32", "device_map": "auto"}}
+
+
+def test_plan_generate_reads_silogens_docstring_example():
+    p = silogen.plan_generate(yaml.safe_load("""\
+prompt_conf:
+  type: "eval-data"
+  data:
+    path: "/datasets/illy_qa_data_topk_2_evalfmt.jsonl"
+hf_gen_params:
+  max_length: 2048
+  max_new_tokens: 512
+  do_sample: false
+quant_conf:
+  quantization_type: "bits-and-bytes"
+  load_in_4bit: true
+  bnb_4bit_compute_dtype: bfloat16
+  bnb_4bit_quant_type: "nf4"
+model_conf:
+  model: "/models/Poro-34B"
+  adapter: "/experiments/SDX-359/poro-v1-D/checkpoint-3000"
+  model_args:
+    attn_implementation: "flash_attention_2"
+    use_cache: False
+    device_map: {'transformer.word_embeddings': 0, 'lm_head': 0, 'transformer.h.0': 1}
+"""), "gen.yaml")
+    assert p.tokenizer == p.adapter == "/experiments/SDX-359/poro-v1-D/checkpoint-3000"
+    assert p.load == {"attn_implementation": "flash_attention_2", "use_cache": False,
+                      "device_map": {"transformer.word_embeddings": 0, "lm_head": 0,
+                                     "transformer.h.0": 1}}
+    assert p.quant == {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16",
+                       "bnb_4bit_quant_type": "nf4"}
+    assert p.prompt == {"type": "eval-data",
+                        "path": "/datasets/illy_qa_data_topk_2_evalfmt.jsonl"}
+
+
+GEN_BASE = {"model_conf": {"model": "MODEL"},
+            "prompt_conf": {"type": "open-input", "input": "translate:"}}
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("prompt_confs", {}, "prompt_confs: unknown key (did you mean 'prompt_conf'?)"),
+    ("prompt_conf.type", "eval", "prompt_conf.type: must be one of open-input, eval-data"),
+    ("prompt_conf.data", {"path": "x.jsonl"}, "prompt_conf.data: unknown key"),
+    ("prompt_conf.num_samples", 0, "prompt_conf.num_samples: must be a positive integer"),
+    ("hf_gen_params.max_new_token", 4, "hf_gen_params.max_new_token: not a GenerationConfig "
+     "field of the installed transformers (did you mean 'max_new_tokens'?)"),
+    ("hf_gen_params.max_length", 100, "hf_gen_params.max_length: must be larger than "
+     "max_new_tokens"),
+    ("model_conf.model_args.revision", "v2", "model_conf.model_args.revision: 'v2' is not "
+     "supported"),
+    ("model_conf.adapters", "a", "model_conf.adapters: unknown key (did you mean 'adapter'?)"),
+    ("quant_conf", {"quantization_type": "no-quantization", "load_in_4bit": True},
+     "quant_conf.load_in_4bit: only with quantization_type: bits-and-bytes"),
+    ("quant_conf", {"load_in_4bit": True, "load_in_8bit": True}, "quant_conf.load_in_4bit: set "
+     "exactly one of load_in_4bit and load_in_8bit"),
+    ("quant_conf", {"quantization_type": "bits-and-bytes"}, "quant_conf.load_in_4bit: set "
+     "exactly one of load_in_4bit and load_in_8bit"),
+])
+def test_generate_config_errors_are_one_line_exit_2(tmp_path, fmtune_tiny_model, path, value,
+                                                    message):
+    base = json.loads(json.dumps(GEN_BASE).replace("MODEL", fmtune_tiny_model))
+    res, cfg, out = _gen(tmp_path, _with(path, value, base))
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines()[-1].startswith(f"fmtune: error: {cfg}: {message}")
+    assert not out.exists()
+
+
+def test_generate_data_errors_name_the_record_and_write_nothing(tmp_path, fmtune_tiny_model):
+    data = write_jsonl(tmp_path / "eval.jsonl", [
+        {"prompt_messages": [{"role": "user", "content": "hi"}], "response": "a"},
+        {"prompt_messages": [{"role": "user", "content": "hi"}]}])
+    cfg = {"model_conf": {"model": fmtune_tiny_model},
+           "prompt_conf": {"type": "eval-data", "data": {"path": data}}}
+    res, _, out = _gen(tmp_path, cfg)
+    assert res.exit_code == 2 and f"{data}:2: missing field 'response'" in res.stderr
+    assert not out.exists()
+    write_jsonl(data, [{"prompt_messages": [{"role": "user", "content": "hi"}],
+                        "response": "a"}])
+    res, cfg_path, out = _gen(tmp_path, cfg)  # the tiny tokenizer has no chat template
+    assert res.exit_code == 2 and f"{cfg_path}: prompt_conf.type: eval-data renders " \
+        "prompt_messages with the tokenizer's chat template" in res.stderr
+    assert not out.exists()
+
+
+def test_generate_routing(tmp_path):
+    """`fmtune generate CONFIG.yaml OUTPUT.yaml` is Silogen's; `fmtune generate --model ...`
+    stays fmtune's own."""
+    from fmtune.testing import run_cli
+
+    missing = tmp_path / "nope.yaml"
+    res = run_cli(["generate", str(missing), str(tmp_path / "out.yaml")])
+    assert res.exit_code == 2 and f"{missing}: config file not found" in res.stderr
+    res = run_cli(["generate", "--help"])
+    assert res.exit_code == 0 and "--model" in res.stdout
+
+
+def test_generate_on_a_bitsandbytes_4bit_base(tmp_path, fmtune_tiny_model):
+    pytest.importorskip("bitsandbytes")
+    quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+             "bnb_4bit_compute_dtype": "float32"}  # no quantization_type: Silogen reads bnb
+    res, _, out = _gen(tmp_path, {
+        "model_conf": {"model": fmtune_tiny_model},
+        "prompt_conf": {"type": "open-input", "input": "translate: the red cat"},
+        "hf_gen_params": {"max_new_tokens": 3}, "quant_conf": quant})
+    assert res.exit_code == 0, res.stderr
+    (rec,) = yaml.safe_load(out.read_text())
+    assert rec["gen_params"]["quant_conf"] == quant and isinstance(rec["answer"], str)

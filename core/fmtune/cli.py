@@ -463,6 +463,8 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
         # `fmtune dpo CONFIG.yaml` is Silogen's command; `fmtune dpo preview` stays the dpo
         # plugin's (a config file named preview is written ./preview)
         command = cmd_silogen_dpo
+    if argv[0] == "generate" and argv[1:2] and not argv[1].startswith("-"):
+        from .silogen import cmd_generate as command  # Silogen's `generate CONFIG.yaml OUT.yaml`
     extra = plugin_commands() if command is None else {}
     if command is None and argv[0] not in extra:
         from .config import suggest

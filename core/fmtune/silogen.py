@@ -4,6 +4,7 @@
                [--mlflow-server-uri U] [--experiment-name E] [--hf-mlflow-log-artifacts B]
                [--print-config]
     fmtune dpo CONFIG.yaml [...the same flags]
+    fmtune generate CONFIG.yaml OUTPUT.yaml      (Silogen's ``generate`` entry point)
 
 Silogen's config is nested (``data_conf``, ``training_args``, ``batchsize_conf``,
 ``peft_conf``, ``quant_conf``, ``run_conf``, ``tracking``, ``overrides``, ``sft_args``);
@@ -21,7 +22,12 @@ validation split or whole-conversation SFT becomes a data_config
 ``chosen`` / ``rejected`` records of fmtune's ``dpo`` plugin. :func:`translate`
 names these files by their bare names (:data:`DATA_CONFIG`, :data:`DPO_TRAIN`,
 :data:`DPO_VALID`); :func:`plan` also returns how to write them, and :func:`cmd` writes
-them to a temporary folder. No torch here.
+them to a temporary folder. No torch here (until a run starts).
+
+A Silogen generation config (``model_conf``, ``prompt_conf``, ``hf_gen_params``,
+``quant_conf``) is checked by :func:`plan_generate` and run by :func:`cmd_generate`, which
+writes Silogen's output YAML (:data:`GEN_OUTPUT_KEYS`). The key-by-key tables of
+docs/silogen.md are rendered from this module's tables by :func:`doc_tables`.
 """
 
 from __future__ import annotations
@@ -89,6 +95,12 @@ TOP_KEYS = ("method", "data_conf", "training_args", "overrides", "batchsize_conf
 KIND_KEYS = {"sft": ("sft_args",), "dpo": ()}
 DATA_CONF_KEYS = ("training_data", "validation_data", "chat_template_name", "padding_side",
                   "missing_pad_token_strategy")
+TRAIN_INPUT_TYPES = ("CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX")
+VALID_INPUT_TYPES = ("CONCATENATION", "AUTO_SPLIT", "NONE")
+# data_conf keys accepted only at Silogen's default: key -> (default, why fmtune refuses others)
+DATA_CONF_FIXED = {"padding_side": ("right", "fmtune pads on the right for training"),
+                   "missing_pad_token_strategy": ("bos-repurpose", "fmtune chooses the pad token "
+                                                  "itself; remove the key")}
 DATA_INPUT_KEYS = {"CONCATENATION": ("type", "data_type", "datasets"),
                    "PRECOMPUTE_WEIGHTED_MIX": ("type", "data_type", "datasets", "seed"),
                    "AUTO_SPLIT": ("type", "data_type", "ratio", "seed"),
@@ -110,8 +122,13 @@ MODEL_ARG_DEFAULTS = {
     "offload_folder": None, "offload_buffers": False, "subfolder": "", "variant": None,
     "use_safetensors": None, "weights_only": True, "key_mapping": None,
 }
+# ModelArguments fmtune honours -> the fmtune option each becomes
+MODEL_ARG_OPTIONS = {"dtype": "torch_dtype", "torch_dtype": "torch_dtype",
+                     "attn_implementation": "attn_implementation", "use_cache": "use_cache",
+                     "trust_remote_code": "trust_remote_code"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PEFT_KEYS = ("peft_type", "task_type", "peft_kwargs", "name_or_path")
+PEFT_TYPES = ("NO_PEFT", "LORA", "PRETRAINED_PEFT")
 # peft LoraConfig kwarg -> fmtune option; peft's defaults where fmtune's differ are written out
 LORA_KWARGS = {"r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
                "target_modules": "target_modules", "modules_to_save": "modules_to_save",
@@ -247,15 +264,11 @@ def _data(ctx: _Ctx, conf: dict, kind: str, completions_only: bool, opts: dict,
           plugins: list[str], files: dict) -> None:
     dc = ctx.mapping(conf, "data_conf", DATA_CONF_KEYS, required=("training_data",
                                                                   "validation_data"))
-    train = _data_input(ctx, dc["training_data"], "data_conf.training_data",
-                        ("CONCATENATION", "PRECOMPUTE_WEIGHTED_MIX"))
+    train = _data_input(ctx, dc["training_data"], "data_conf.training_data", TRAIN_INPUT_TYPES)
     valid = _data_input(ctx, dc["validation_data"], "data_conf.validation_data",
-                        ("CONCATENATION", "AUTO_SPLIT", "NONE"))
-    ctx.fixed(dc.get("padding_side", "right"), "data_conf.padding_side", "right",
-              "fmtune pads on the right for training")
-    ctx.fixed(dc.get("missing_pad_token_strategy", "bos-repurpose"),
-              "data_conf.missing_pad_token_strategy", "bos-repurpose",
-              "fmtune chooses the pad token itself; remove the key")
+                        VALID_INPUT_TYPES)
+    for key, (default, why) in DATA_CONF_FIXED.items():
+        ctx.fixed(dc.get(key, default), f"data_conf.{key}", default, why)
     name = dc.get("chat_template_name", "mistral-with-system")
     if name not in CHAT_TEMPLATES:
         raise ctx.error("data_conf.chat_template_name",
@@ -342,9 +355,9 @@ def _training_args(ctx: _Ctx, conf: Any, kind: str, opts: dict, known: set[str],
         if kind == "dpo" and key in DPO_ARGS:
             target = DPO_ARGS[key]
             if target is None:
+                offered = ", ".join(k for k, v in DPO_ARGS.items() if v)
                 raise ctx.error(path, "this TRL DPOConfig option is not offered by fmtune's dpo "
-                                "plugin (it has beta, loss_type, loss_weights, label_smoothing, "
-                                "precompute_ref_log_probs, max_length)")
+                                f"plugin (it has {offered})")
             if key == "loss_type":
                 value = _as_str_list(ctx, value, path)
             out[target] = value
@@ -428,8 +441,7 @@ def _peft_quant(ctx: _Ctx, peft: Any, quant: Any, opts: dict, plugins: list[str]
             opts[LORA_KWARGS[key]] = value
     else:
         raise ctx.error("peft_conf.peft_type", f"{ptype!r} is not supported: fmtune offers "
-                        "LORA, PRETRAINED_PEFT and NO_PEFT here"
-                        f"{suggest(str(ptype), ('LORA', 'PRETRAINED_PEFT', 'NO_PEFT'))}")
+                        f"{', '.join(PEFT_TYPES)} here{suggest(str(ptype), PEFT_TYPES)}")
 
     if quantized:
         for key, default in QUANT_FIXED.items():
@@ -469,29 +481,35 @@ def _run(ctx: _Ctx, conf: Any, opts: dict) -> str:
                         "otherwise) is not offered; use 'full' (full_determinism) or 'no'")
     if det == "full":
         opts["full_determinism"] = True
-    ma = ctx.mapping(rc.get("model_args"), "run_conf.model_args")
+    _model_args(ctx, rc.get("model_args"), "run_conf.model_args", opts)
+    return str(rc.get("final_checkpoint_name", "checkpoint-final"))
+
+
+def _model_args(ctx: _Ctx, conf: Any, path: str, opts: dict, generate: bool = False) -> None:
+    """Silogen's ``ModelArguments`` (from_pretrained kwargs) -> fmtune options
+    (:data:`MODEL_ARG_OPTIONS`); for ``generate`` a ``device_map`` is kept as given."""
+    ma = ctx.mapping(conf, path)
     for key, value in ma.items():
-        path = f"run_conf.model_args.{key}"
+        kpath = f"{path}.{key}"
         if key in ("dtype", "torch_dtype"):
             value = str(value).removeprefix("torch.")
             if value not in DTYPES:
-                raise ctx.error(path, f"must be one of {', '.join(DTYPES)}; got {value!r}")
-            opts["torch_dtype"] = value
-        elif key in ("attn_implementation", "use_cache", "trust_remote_code"):
-            opts[key] = value
+                raise ctx.error(kpath, f"must be one of {', '.join(DTYPES)}; got {value!r}")
+            opts[MODEL_ARG_OPTIONS[key]] = value
+        elif key in MODEL_ARG_OPTIONS:
+            opts[MODEL_ARG_OPTIONS[key]] = value
         elif key == "device_map":
-            if value not in (None, "auto"):
-                raise ctx.error(path, f"{value!r} is not supported: fmtune places the model "
+            if generate:
+                opts["device_map"] = value
+            elif value not in (None, "auto"):
+                raise ctx.error(kpath, f"{value!r} is not supported: fmtune places the model "
                                 "itself (one device per process)")
         elif key in MODEL_ARG_DEFAULTS:
-            ctx.fixed(value, path, MODEL_ARG_DEFAULTS[key], "fmtune does not pass this "
+            ctx.fixed(value, kpath, MODEL_ARG_DEFAULTS[key], "fmtune does not pass this "
                       "from_pretrained argument")
         else:
-            known = (*MODEL_ARG_DEFAULTS, "dtype", "torch_dtype", "attn_implementation",
-                     "use_cache", "trust_remote_code")
-            raise ctx.error(path, f"fmtune does not pass this from_pretrained argument"
-                            f"{suggest(key, known)}")
-    return str(rc.get("final_checkpoint_name", "checkpoint-final"))
+            raise ctx.error(kpath, f"fmtune does not pass this from_pretrained argument"
+                            f"{suggest(key, (*MODEL_ARG_DEFAULTS, *MODEL_ARG_OPTIONS))}")
 
 
 def _tracking(ctx: _Ctx, conf: Any, opts: dict, plugins: list[str]) -> None:
@@ -710,3 +728,626 @@ def cmd(kind: str, argv: list[str]) -> int:
         log.info("%s: Silogen %s config translated to fmtune train options (plugins: %s); "
                  "--print-config shows them", args.config, kind, ",".join(p.plugins) or "none")
         return cmd_train(["--config", str(config_path), "--plugins", ",".join(p.plugins)])
+
+
+# ------------------------------------------------------------------- generate
+# Silogen's `generate CONFIG.yaml OUTPUT.yaml` (finetuning.generate, config
+# finetuning.config.generation.GenerationConfig): greedy or sampled generation from a model (and
+# an adapter) for an open prompt or for the prompt_messages of evaluation records, written as a
+# YAML list of {dataset, id, prompt, answer, correct_answers, ...}.
+
+GEN_TOP_KEYS = ("model_conf", "prompt_conf", "hf_gen_params", "quant_conf")
+GEN_MODEL_KEYS = ("model", "model_args", "adapter", "tokenizer")
+GEN_PROMPT_KEYS = {"open-input": ("type", "input", "num_samples"),
+                   "eval-data": ("type", "data")}
+GEN_DATA_KEYS = ("path",)
+# the hf_gen_params Silogen fills in when unset (eos/pad/bos come from the tokenizer)
+GEN_DEFAULTS = {"max_length": 2048, "max_new_tokens": 512}
+GEN_TOKEN_DEFAULTS = ("eos_token_id", "pad_token_id", "bos_token_id")
+# BitsAndBytesConfig fields Silogen's bits-and-bytes quant_conf has (generate passes them as is)
+GEN_QUANT_KEYS = QUANT_KEYS
+# every output record's keys, in Silogen's order
+GEN_OUTPUT_KEYS = ("dataset", "id", "prompt", "answer", "correct_answers", "test_type",
+                   "data_collection", "truncated", "all_text_raw", "gen_params")
+OPEN_PROMPT_DATASET = "_open_prompt_data_"
+
+
+@dataclass
+class GenPlan:
+    """What a Silogen generation config becomes (checked, nothing loaded)."""
+
+    model: str
+    adapter: str | None
+    tokenizer: str
+    tokenizer_given: bool
+    load: dict[str, Any]  # from_pretrained kwargs (dtype, attn_implementation, device_map, ...)
+    trust_remote_code: bool
+    prompt: dict[str, Any]  # {"type": "open-input", "input", "num_samples"} or eval-data "path"
+    hf_gen_params: dict[str, Any]
+    quant: dict[str, Any] | None  # BitsAndBytesConfig kwargs
+    record: dict[str, Any]  # model_conf / quant_conf as Silogen writes them into gen_params
+
+
+def generation_field_names() -> set[str]:
+    """The fields of the installed transformers' ``GenerationConfig``."""
+    from transformers import GenerationConfig
+
+    return set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+
+
+def plan_generate(data: dict[str, Any], where: str,
+                  gen_fields: set[str] | None = None) -> GenPlan:
+    """Silogen's ``GenerationConfig`` YAML -> :class:`GenPlan`; errors name ``where`` and the
+    dotted key. ``gen_fields``: the GenerationConfig field names (None: not checked here)."""
+    ctx = _Ctx(where)
+    top = ctx.mapping(data, "", GEN_TOP_KEYS, required=("model_conf", "prompt_conf"))
+    mc = ctx.mapping(top["model_conf"], "model_conf", GEN_MODEL_KEYS, required=("model",))
+    for key in ("model", "adapter", "tokenizer"):
+        value = mc.get(key)
+        if not (isinstance(value, str) and value) and (key == "model" or value is not None):
+            raise ctx.error(f"model_conf.{key}", f"must be a model id or path, got {value!r}")
+    opts: dict[str, Any] = {}
+    _model_args(ctx, mc.get("model_args"), "model_conf.model_args", opts, generate=True)
+    load: dict[str, Any] = {}
+    if opts.get("torch_dtype", "auto") != "auto":
+        load["dtype"] = opts["torch_dtype"]
+    for key in ("attn_implementation", "use_cache"):
+        if opts.get(key) is not None:
+            load[key] = opts[key]
+    load["device_map"] = opts.get("device_map") or "auto"  # Silogen's default (one process)
+    trust = opts.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise ctx.error("model_conf.model_args.trust_remote_code", f"must be true or false, "
+                        f"got {trust!r}")
+    adapter = mc.get("adapter")
+    tokenizer = mc.get("tokenizer") or adapter or mc["model"]
+
+    pc = ctx.mapping(top["prompt_conf"], "prompt_conf", required=("type",))
+    ptype = pc["type"]
+    if ptype not in GEN_PROMPT_KEYS:
+        raise ctx.error("prompt_conf.type", f"must be one of {', '.join(GEN_PROMPT_KEYS)}; got "
+                        f"{ptype!r}{suggest(str(ptype), GEN_PROMPT_KEYS)}")
+    ctx.mapping(pc, "prompt_conf", GEN_PROMPT_KEYS[ptype])
+    if ptype == "open-input":
+        text, num = pc.get("input", ""), pc.get("num_samples", 1)
+        if not isinstance(text, str):
+            raise ctx.error("prompt_conf.input", f"must be a string, got {text!r}")
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ctx.error("prompt_conf.num_samples", f"must be a positive integer, got {num!r}")
+        prompt = {"type": ptype, "input": text, "num_samples": num}
+    else:
+        dd = ctx.mapping(pc.get("data"), "prompt_conf.data", GEN_DATA_KEYS, required=("path",))
+        prompt = {"type": ptype, "path": str(dd["path"])}
+
+    gp = ctx.mapping(top.get("hf_gen_params"), "hf_gen_params")
+    for key, value in gp.items():
+        if gen_fields is not None and key not in gen_fields:
+            raise ctx.error(f"hf_gen_params.{key}", "not a GenerationConfig field of the "
+                            f"installed transformers{suggest(str(key), gen_fields)}")
+    for key in GEN_DEFAULTS:
+        value = gp.get(key, GEN_DEFAULTS[key])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ctx.error(f"hf_gen_params.{key}", f"must be a positive integer, got {value!r} "
+                            "(Silogen cuts prompts to max_length - max_new_tokens tokens)")
+    if gp.get("max_length", 2048) <= gp.get("max_new_tokens", 512):
+        raise ctx.error("hf_gen_params.max_length", "must be larger than max_new_tokens (Silogen "
+                        "cuts prompts to max_length - max_new_tokens tokens)")
+
+    quant = None
+    q = ctx.mapping(top.get("quant_conf") if top.get("quant_conf") is not None else
+                    {"quantization_type": "no-quantization"}, "quant_conf", GEN_QUANT_KEYS)
+    # Silogen's quant_conf is a union of two models whose quantization_type has a default: keys
+    # without it select bits-and-bytes (the only model that has them)
+    qtype = q.get("quantization_type", "bits-and-bytes" if q else "no-quantization")
+    if qtype not in ("no-quantization", "bits-and-bytes"):
+        raise ctx.error("quant_conf.quantization_type", "must be no-quantization or "
+                        f"bits-and-bytes; got {qtype!r}"
+                        f"{suggest(str(qtype), ('no-quantization', 'bits-and-bytes'))}")
+    if qtype == "no-quantization" and len(q) > 1:
+        extra = next(k for k in q if k != "quantization_type")
+        raise ctx.error(f"quant_conf.{extra}", "only with quantization_type: bits-and-bytes")
+    if qtype == "bits-and-bytes":
+        if bool(q.get("load_in_4bit", False)) == bool(q.get("load_in_8bit", False)):
+            raise ctx.error("quant_conf.load_in_4bit", "set exactly one of load_in_4bit and "
+                            "load_in_8bit to true")
+        dtype = q.get("bnb_4bit_compute_dtype")
+        if dtype is not None and dtype not in DTYPES[1:]:
+            raise ctx.error("quant_conf.bnb_4bit_compute_dtype", f"must be one of "
+                            f"{', '.join(DTYPES[1:])}; got {dtype!r}")
+        quant = {k: v for k, v in q.items() if k != "quantization_type"}
+
+    # what Silogen writes under gen_params: the keys the file set, and the resolved tokenizer
+    model_rec = dict(mc, tokenizer=tokenizer)
+    if isinstance(mc.get("model_args"), dict):
+        margs = {("dtype" if k == "torch_dtype" else k): v for k, v in mc["model_args"].items()}
+        margs.setdefault("device_map", "auto")
+        model_rec["model_args"] = margs
+    return GenPlan(model=str(mc["model"]), adapter=adapter, tokenizer=tokenizer,
+                   tokenizer_given=mc.get("tokenizer") is not None, load=load,
+                   trust_remote_code=trust, prompt=prompt, hf_gen_params=dict(gp), quant=quant,
+                   record={"quant_conf": dict(top.get("quant_conf") or {}),
+                           "model_conf": model_rec})
+
+
+def _eval_prompts(path: str) -> list[dict[str, Any]]:
+    """Silogen's evaluation records: ``prompt_messages`` (chat messages) and ``response`` (the
+    reference answer); ``dataset`` and ``id`` optional. Errors name the file and the line."""
+    from .default_plugins.data import read_records, record_where
+
+    out = []
+    for i, rec in enumerate(read_records(path)):
+        at = record_where(path, rec, i)
+        msgs = rec.get("prompt_messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in msgs):
+            raise ConfigError(f"{at}: field 'prompt_messages' must be a non-empty list of "
+                              "{role, content} chat messages")
+        if not isinstance(rec.get("response"), str):
+            raise ConfigError(f"{at}: missing field 'response' (a string: the reference answer "
+                              "written to correct_answers)")
+        out.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
+                    "response": rec["response"], "dataset": rec.get("dataset", "unknown"),
+                    "id": rec.get("id", i)})
+    return out
+
+
+def _load_generation_model(p: GenPlan, tokenizer: Any, where: str):
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    from .default_plugins.model import fit_to_tokenizer
+    from .hub import from_pretrained, quant_method, without_unused_gptqmodel
+
+    kwargs = dict(p.load)
+    if p.quant is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{where}: quant_conf.quantization_type: bits-and-bytes needs the "
+                              "bitsandbytes package (pip install bitsandbytes)")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(**p.quant)
+    with contextlib.redirect_stdout(sys.stderr):  # loaders' banners stay off stdout
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, p.model, "model",
+                                trust_remote_code=p.trust_remote_code, **kwargs)
+        if p.adapter is not None:
+            from peft import PeftModel
+
+            fit_to_tokenizer(model, tokenizer)  # an adapter trained with added tokens
+            try:
+                with without_unused_gptqmodel(quant_method(model)):
+                    model = PeftModel.from_pretrained(model, p.adapter, is_trainable=False)
+            except (OSError, ValueError, RuntimeError, IndexError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{where}: model_conf.adapter: {p.adapter} cannot be loaded "
+                                  f"over {p.model}: {first}") from None
+    model.eval()
+    return model
+
+
+def _load_generation_tokenizer(p: GenPlan):
+    from transformers import AutoTokenizer
+
+    from .hub import from_pretrained
+
+    source = p.tokenizer
+    if (p.adapter is not None and not p.tokenizer_given and os.path.isdir(p.adapter)
+            and not os.path.isfile(os.path.join(p.adapter, "tokenizer_config.json"))):
+        log.info("model_conf.adapter %s has no tokenizer: using the model's (%s)", p.adapter,
+                 p.model)
+        source = p.model
+    # as Silogen: no EOS appended to prompts, whatever the tokenizer was saved with
+    return from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer",
+                           trust_remote_code=p.trust_remote_code, add_eos_token=False)
+
+
+def generation_defaults(hf_gen_params: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Silogen's defaults for unset ``hf_gen_params``: stop at the tokenizer's EOS and at
+    ``</s>`` (when the vocabulary has it), pad/bos from the tokenizer, max_length 2048,
+    max_new_tokens 512."""
+    eos = [tokenizer.eos_token_id]
+    if "</s>" in tokenizer.get_vocab():
+        eos.append(tokenizer.convert_tokens_to_ids("</s>"))
+    eos = list(dict.fromkeys(i for i in eos if i is not None))
+    defaults = {"eos_token_id": eos or None, "pad_token_id": tokenizer.pad_token_id,
+                "bos_token_id": tokenizer.bos_token_id, **GEN_DEFAULTS}
+    out = dict(hf_gen_params)
+    for key, value in defaults.items():
+        out.setdefault(key, value)
+    return out
+
+
+def run_generation(p: GenPlan, where: str) -> list[dict[str, Any]]:
+    """Load, generate and return Silogen's output records (see :data:`GEN_OUTPUT_KEYS`)."""
+    import torch
+    from transformers import GenerationConfig
+
+    examples = (_eval_prompts(p.prompt["path"]) if p.prompt["type"] == "eval-data" else
+                [{"text": p.prompt["input"], "response": "", "dataset": OPEN_PROMPT_DATASET,
+                  "id": str(i)} for i in range(p.prompt["num_samples"])])
+    tokenizer = _load_generation_tokenizer(p)
+    params = generation_defaults(p.hf_gen_params, tokenizer)
+    try:
+        gen_conf = GenerationConfig(**params)
+        # max_new_tokens wins over max_length (used here for the prompt budget only); leaving
+        # max_length out spares transformers' warning about both being set on every prompt
+        run_conf = GenerationConfig(**{k: v for k, v in params.items() if k != "max_length"})
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{where}: hf_gen_params: {first}") from None
+    if p.prompt["type"] == "eval-data":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{where}: prompt_conf.type: eval-data renders prompt_messages "
+                              f"with the tokenizer's chat template; the tokenizer of "
+                              f"{p.tokenizer} has none (set model_conf.tokenizer)")
+        for ex in examples:
+            ex["text"] = tokenizer.apply_chat_template(ex.pop("messages"), tokenize=False,
+                                                       add_generation_prompt=True)
+    budget = gen_conf.max_length - gen_conf.max_new_tokens
+    encoded = []
+    for ex in examples:  # as Silogen: cut on the right to max_length - max_new_tokens tokens
+        full = len(tokenizer(ex["text"], truncation=False)["input_ids"])
+        enc = tokenizer(ex["text"], return_tensors="pt", truncation=True, max_length=budget)
+        if enc["input_ids"].shape[1] == 0:
+            raise ConfigError(f"{where}: prompt_conf.input: the prompt is empty and the "
+                              "tokenizer adds no BOS token: nothing to generate from")
+        encoded.append((enc, full > enc["input_ids"].shape[1]))
+
+    model = _load_generation_model(p, tokenizer, where)
+    device = next(model.parameters()).device
+    gen_params = {**params, **p.record}
+    outputs = []
+    log.info("generating for %d prompt(s)", len(examples))
+    with torch.no_grad():
+        for ex, (enc, truncated) in zip(examples, encoded):
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=run_conf)
+            outputs.append({
+                "dataset": ex["dataset"], "id": ex["id"], "prompt": ex["text"],
+                "answer": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
+                "correct_answers": [ex["response"]], "test_type": "open-ended",
+                "data_collection": ex["dataset"], "truncated": truncated,
+                "all_text_raw": tokenizer.decode(out[0], skip_special_tokens=False),
+                "gen_params": gen_params})
+    return outputs
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Silogen's dump (safe, keys in order), each record's gen_params written out in full."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def cmd_generate(argv: list[str]) -> int:
+    """``fmtune generate CONFIG.yaml OUTPUT.yaml``: Silogen's ``generate`` entry point."""
+    ap = argparse.ArgumentParser(
+        prog="fmtune generate", usage="fmtune generate CONFIG.yaml OUTPUT.yaml",
+        description="Run a Silogen `generate` config (model_conf, prompt_conf, hf_gen_params, "
+        "quant_conf) and write Silogen's output YAML (see docs/silogen.md). `fmtune generate "
+        "--model ...` is fmtune's own generation.")
+    ap.add_argument("config", help="Path to the generation YAML config file.")
+    ap.add_argument("outpath", help="Path where to write the YAML.")
+    args = ap.parse_args(argv)
+    from .files import write_atomic
+
+    data = read_yaml(args.config)
+    plan_generate(data, args.config)  # the file's shape, before importing transformers
+    folder = os.path.dirname(os.path.abspath(args.outpath))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{args.outpath}: its folder does not exist")
+    p = plan_generate(data, args.config, generation_field_names())
+    outputs = run_generation(p, args.config)
+    text = yaml.dump(outputs, sort_keys=False, Dumper=_NoAliasDumper)
+    write_atomic(args.outpath, text)
+    print(f"fmtune: wrote {len(outputs)} generations to {args.outpath}")
+    return 0
+
+
+# ------------------------------------------------------------- docs/silogen.md
+# The key-by-key tables of docs/silogen.md are rendered from the tables above by
+# :func:`doc_tables` (tests/test_silogen_doc.py keeps the file in step). KEY_NOTES says what a
+# key becomes where no table does; a note key is the dotted key, or "dotted.key: value" for one
+# value of it. A key in a table without a row, or a note no table key uses, is an error.
+KEY_NOTES: dict[str, str] = {
+    # sft / dpo
+    "method": "must equal the command (`sft` / `dpo`)",
+    "run_conf.model": "`model_name_or_path` (Silogen's default `/local_resources/basemodel`)",
+    "run_conf.tokenizer": "`tokenizer_name_or_path`",
+    "run_conf.use_fast_tokenizer: true": "accepted (fmtune loads fast tokenizers); `false` "
+                                         "refused",
+    "run_conf.resume_from_checkpoint": "`resume_from_checkpoint` (`false`, `true`/`auto` = "
+                                       "latest in output_dir, or a path)",
+    "run_conf.final_checkpoint_name": "`save_model_dir: OUTPUT_DIR/NAME` (default "
+                                      "`checkpoint-final`, Silogen's layout)",
+    "run_conf.determinism": "`full` -> `full_determinism: true`; `no` -> nothing; `half` refused",
+    "run_conf.model_args.device_map": "`auto`/unset accepted (fmtune places the model); others "
+                                      "refused",
+    "data_conf.training_data.type: CONCATENATION": "`training_data_path: a.jsonl,b.jsonl` "
+                                                   "(plugin `data_handlers`)",
+    "data_conf.training_data.type: PRECOMPUTE_WEIGHTED_MIX": "several datasets: a data_config "
+        "(`data_config_path`) with `sampling` = normalised weights, `sampling_stopping_strategy:"
+        " all_exhausted`, the mix `seed`; one dataset: as CONCATENATION; refused for DPO",
+    "data_conf.validation_data.type: CONCATENATION": "`validation_data_path`",
+    "data_conf.validation_data.type: AUTO_SPLIT": "data_config `split: {train: 1-ratio, "
+                                                  "validation: ratio}` per dataset, `seed`; "
+                                                  "refused for DPO",
+    "data_conf.validation_data.type: NONE": "nothing",
+    "data_conf.*.data_type": "accepted (Silogen sets it from the method itself)",
+    "data_conf.*.datasets[].path": "the data files (JSONL in Silogen's format)",
+    "data_conf.*.datasets[].sampling_weight": "PRECOMPUTE_WEIGHTED_MIX: the dataset's share "
+                                              "(default 1.0)",
+    "data_conf.*.seed": "the data_config's `seed` (Silogen's defaults: 19851243 for the mix, "
+                        "1289525893 for AUTO_SPLIT)",
+    "data_conf.*.ratio": "AUTO_SPLIT: the validation share (default 0.2)",
+    "sft_args.max_seq_length": "`max_seq_length` (Silogen's default 2048 written out)",
+    "sft_args.length_handling: truncate": "fmtune's behaviour; explicit `filter` refused, unset "
+                                          "(Silogen's default `filter`) logged",
+    "sft_args.save_name_if_new_basemodel": "default `checkpoint-new-basemodel` accepted; others "
+                                           "refused",
+    "sft_args.train_on_completions_only: true": "fmtune's chat masking (only assistant turns "
+                                                "trained)",
+    "sft_args.train_on_completions_only: false": "(Silogen's default) the whole rendered "
+        "conversation is trained: a data_config with `apply_tokenizer_chat_template` + "
+        "`tokenize`; separate validation files refused",
+    "overrides.lr_multiplier": "multiplies `learning_rate`",
+    "overrides.lr_batch_size_scaling": "`sqrt` / `linear`: `learning_rate` x sqrt(T) or x T "
+                                       "(T = total_train_batch_size); `none` nothing",
+    "training_args.*": "same name (every transformers `TrainingArguments` field and fmtune "
+                       "option); unknown names refused with did-you-mean; default `output_dir: "
+                       "./checkpoints` ($CHECKPOINTS_PATH)",
+    "training_args.report_to": "`none` dropped; `mlflow` -> plugin `mlflow` (instead of HF's "
+                               "callback); one other integration passed as is; `all` or "
+                               "several refused",
+    "training_args.logging_dir": "dropped (not in transformers 5); refused with `report_to: "
+                                 "tensorboard`",
+    "peft_conf.peft_type: NO_PEFT": "full fine-tuning",
+    "peft_conf.peft_type: LORA": "plugin `lora` (`qlora` on a bits-and-bytes base)",
+    "peft_conf.peft_type: PRETRAINED_PEFT": "plugin `lora` / `qlora`, training continues from "
+                                            "`name_or_path`",
+    "peft_conf.task_type: CAUSAL_LM": "accepted; other task types refused",
+    "peft_conf.peft_kwargs": "LORA: the LoraConfig kwargs below",
+    "peft_conf.name_or_path": "PRETRAINED_PEFT: `continue_from_adapter`",
+    "quant_conf.quantization_type: no-quantization": "nothing (no other quant_conf key allowed)",
+    "quant_conf.quantization_type: bits-and-bytes": "plugin `qlora`; refused with NO_PEFT (no "
+                                                    "full training of a quantized model)",
+    "quant_conf.load_in_4bit": "4-bit base: `bnb_4bit_*` below, BitsAndBytesConfig's defaults "
+                               "(fp4, false, float32) written out; exactly one of load_in_4bit "
+                               "and load_in_8bit true",
+    "quant_conf.load_in_8bit": "`load_in_8bit: true`",
+    "quant_conf.bnb_4bit_compute_dtype": "same name (float32, bfloat16, float16)",
+    "quant_conf.bnb_4bit_quant_type": "same name (`fp4`, `nf4`)",
+    "quant_conf.bnb_4bit_use_double_quant": "same name",
+    "tracking.mlflow_server_uri": "`mlflow_tracking_uri` (plugin `mlflow`; `file:` stores work "
+                                  "offline)",
+    "tracking.experiment_name": "`mlflow_experiment`",
+    "tracking.hf_mlflow_log_artifacts: \"False\"": "accepted; `True` refused (fmtune logs params "
+                                                   "and metrics, not model artifacts)",
+    # generate
+    "generate:model_conf.model": "the model (id or folder) loaded with transformers' "
+                                 "`AutoModelForCausalLM`",
+    "generate:model_conf.adapter": "a peft adapter loaded over the model (embeddings first grown "
+                                   "to the tokenizer's size, as `fmtune generate` does)",
+    "generate:model_conf.tokenizer": "the tokenizer; default the adapter's, else the model's (an "
+                                     "adapter folder without one: the model's)",
+    "generate:model_conf.model_args.device_map": "passed to from_pretrained as given (a mapping "
+                                                 "too); default `auto`, as in Silogen",
+    "generate:prompt_conf.type: open-input": "`input` (default empty: the tokenizer's BOS "
+                                             "starts) generated `num_samples` times",
+    "generate:prompt_conf.type: eval-data": "each record's `prompt_messages` rendered with the "
+        "tokenizer's chat template (`add_generation_prompt`); `response` becomes "
+        "`correct_answers`; `dataset` and `id` copied",
+    "generate:prompt_conf.input": "open-input: the prompt text",
+    "generate:prompt_conf.num_samples": "open-input: how many generations (default 1)",
+    "generate:prompt_conf.data": "eval-data: `{path: FILE.jsonl}` (JSON/JSONL records)",
+    "generate:hf_gen_params.*": "transformers `GenerationConfig` of these fields; fields left "
+                                "unset take the model's generation_config.json values, then "
+                                "transformers' defaults (greedy); a name the installed "
+                                "transformers lacks is refused with did-you-mean",
+    "generate:hf_gen_params.eos_token_id": "default: the tokenizer's EOS and `</s>` (when the "
+                                           "vocabulary has it)",
+    "generate:hf_gen_params.pad_token_id": "default: the tokenizer's",
+    "generate:hf_gen_params.bos_token_id": "default: the tokenizer's",
+    "generate:quant_conf.quantization_type: no-quantization": "(default: no quant_conf, or an "
+        "empty one) nothing",
+    "generate:quant_conf.quantization_type: bits-and-bytes": "(also when left out and other keys "
+        "are set, as Silogen reads it) the other keys are passed to transformers' "
+        "`BitsAndBytesConfig` as is (needs bitsandbytes); exactly one of load_in_4bit and "
+        "load_in_8bit true",
+    "output:dataset": "the record's `dataset` (`unknown` if none; open-input: "
+                      "`_open_prompt_data_`)",
+    "output:id": "the record's `id` (else its index); open-input: \"0\", \"1\", ...",
+    "output:prompt": "the text generation started from (the rendered chat for eval-data), "
+                     "before truncation",
+    "output:answer": "the generated text (special tokens removed)",
+    "output:correct_answers": "`[response]` (open-input: `[\"\"]`)",
+    "output:test_type": "`open-ended`",
+    "output:data_collection": "as `dataset`",
+    "output:truncated": "whether the prompt was cut to max_length - max_new_tokens tokens (cut "
+                        "on the right, as in Silogen)",
+    "output:all_text_raw": "prompt and answer as tokens, special tokens kept",
+    "output:gen_params": "the hf_gen_params used (defaults filled in) with `quant_conf` and "
+                         "`model_conf` as the config set them (`model_conf.tokenizer` resolved)",
+}
+
+
+def _md(value: Any) -> str:
+    """A default as YAML writes it (``null``, ``false``, ``{}``, ``""``)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else \
+        json.dumps(value) if isinstance(value, (dict, list)) or value == "" else str(value)
+
+
+class _Rows:
+    """Rows of one table; :meth:`note` takes KEY_NOTES entries and remembers which."""
+
+    def __init__(self, used: set[str], prefix: str = "") -> None:
+        self.rows: list[tuple[str, str]] = []
+        self.used, self.prefix = used, prefix
+
+    def add(self, keys: str, text: str) -> None:
+        self.rows.append((keys, text))
+
+    def note(self, dotted: str) -> None:
+        found = [k for k in KEY_NOTES if k.startswith(self.prefix)
+                 and (k[len(self.prefix):] == dotted
+                      or k[len(self.prefix):].startswith(dotted + ": "))]
+        if not found:
+            raise KeyError(f"silogen.KEY_NOTES: no row for {self.prefix}{dotted}")
+        for k in found:
+            self.used.add(k)
+            self.add(f"`{k[len(self.prefix):]}`", KEY_NOTES[k])
+
+    def fixed(self, path: str, defaults: dict[str, Any], why: str) -> None:
+        self.add(f"`{path}.` " + ", ".join(f"`{k}: {_md(v)}`" for k, v in defaults.items()),
+                 why)
+
+
+def _train_rows(used: set[str]) -> list[tuple[str, str]]:
+    r = _Rows(used)
+    r.note("method")
+    for key in RUN_KEYS:
+        if key != "model_args":
+            r.note(f"run_conf.{key}")
+            continue
+        for target in dict.fromkeys(MODEL_ARG_OPTIONS.values()):
+            names = [k for k, v in MODEL_ARG_OPTIONS.items() if v == target]
+            extra = f" ({', '.join(DTYPES)})" if target == "torch_dtype" else ""
+            r.add(" / ".join(f"`run_conf.model_args.{k}`" for k in names), f"`{target}`{extra}")
+        r.note("run_conf.model_args.device_map")
+        r.fixed("run_conf.model_args", {k: v for k, v in MODEL_ARG_DEFAULTS.items()
+                                        if k != "device_map"},
+                "accepted only at Silogen's default (shown); fmtune does not pass these "
+                "from_pretrained arguments; other names refused")
+    for key in DATA_CONF_KEYS:
+        if key in ("training_data", "validation_data"):
+            types = TRAIN_INPUT_TYPES if key == "training_data" else VALID_INPUT_TYPES
+            for t in types:
+                r.note(f"data_conf.{key}.type: {t}")
+        elif key == "chat_template_name":
+            names = "; ".join(f"`{n}`" + (": the tokenizer's own" if t is None else
+                                          f" (adds {', '.join(f'`{x}`' for x in t[1])})"
+                                          if t[1] else "") for n, t in CHAT_TEMPLATES.items())
+            r.add("`data_conf.chat_template_name`", "`chat_template` (Silogen's Jinja, copied) "
+                  "and, for SFT, the template's tokens as `add_special_tokens`: " + names +
+                  "; default `mistral-with-system`")
+        elif key in DATA_CONF_FIXED:
+            default, why = DATA_CONF_FIXED[key]
+            r.add(f"`data_conf.{key}: {default}`", f"accepted (Silogen's default); others "
+                  f"refused: {why}")
+        else:
+            raise KeyError(f"silogen.DATA_CONF_KEYS: no row for data_conf.{key}")
+    for key in dict.fromkeys(k for keys in DATA_INPUT_KEYS.values() for k in keys):
+        if key == "datasets":
+            for sub in ("path", "sampling_weight"):
+                r.note(f"data_conf.*.datasets[].{sub}")
+        elif key != "type":
+            r.note(f"data_conf.*.{key}")
+    for key in SFT_KEYS:
+        r.note(f"sft_args.{key}")
+    r.add(", ".join(f"`batchsize_conf.{k}`" for k in BATCH_KEYS), "same names")
+    for key in OVERRIDE_KEYS:
+        r.note(f"overrides.{key}")
+    r.note("training_args.*")
+    r.add(", ".join(f"`training_args.{k}`" for k in BATCH_DERIVED),
+          "refused, as Silogen does (computed from `batchsize_conf`)")
+    r.add(", ".join(f"`training_args.{k}`" for k in DROPPED_TRAINING_ARGS),
+          "dropped (not a transformers 5 field; no effect on a Trainer run)")
+    r.note("training_args.report_to")
+    r.note("training_args.logging_dir")
+    same = [k for k, v in DPO_ARGS.items() if v == k]
+    r.add("DPO " + ", ".join(f"`training_args.{k}`" for k in same),
+          "plugin `dpo`'s options of the same names")
+    for key, target in DPO_ARGS.items():
+        if target is not None and target != key:
+            default = SILOGEN_DPO_DEFAULTS.get(key)
+            r.add(f"DPO `training_args.{key}`", f"`{target}`" + (
+                f" (Silogen's default {default} written out)" if default is not None else ""))
+    r.add("DPO " + ", ".join(f"`training_args.{k}`" for k, v in DPO_ARGS.items() if v is None),
+          "refused (TRL DPOConfig options fmtune's dpo plugin does not offer)")
+    for key in PEFT_KEYS:
+        if key == "peft_type":
+            for t in PEFT_TYPES:
+                r.note(f"peft_conf.peft_type: {t}")
+            r.add("`peft_conf.peft_type` others", "refused")
+            continue
+        r.note(f"peft_conf.{key}")
+        if key == "peft_kwargs":
+            defaults = ", ".join(f"{k} {v}" for k, v in PEFT_LORA_DEFAULTS.items())
+            r.add(", ".join(f"`peft_conf.peft_kwargs.{k}`" for k in LORA_KWARGS),
+                  "the `lora` / `qlora` options " + ", ".join(f"`{v}`" for v in
+                                                              LORA_KWARGS.values()) +
+                  f"; peft's defaults ({defaults}) written out since fmtune's differ")
+            r.fixed("peft_conf.peft_kwargs", LORA_FIXED,
+                    "accepted only at peft's default (shown); fmtune has no option for them")
+    for key in QUANT_KEYS:
+        if key not in QUANT_FIXED:
+            r.note(f"quant_conf.{key}")
+    r.fixed("quant_conf", QUANT_FIXED, "accepted only at BitsAndBytesConfig's default (shown); "
+            "fmtune's qlora plugin has no option for them")
+    for key in TRACKING_KEYS:
+        r.note(f"tracking.{key}")
+    return r.rows
+
+
+def _generate_rows(used: set[str]) -> list[tuple[str, str]]:
+    r = _Rows(used, "generate:")
+    for key in GEN_MODEL_KEYS:
+        if key != "model_args":
+            r.note(f"model_conf.{key}")
+            continue
+        for target in dict.fromkeys(MODEL_ARG_OPTIONS.values()):
+            names = [k for k, v in MODEL_ARG_OPTIONS.items() if v == target]
+            what = ("the model's trust in its own code (`trust_remote_code`)"
+                    if target == "trust_remote_code" else
+                    f"from_pretrained `{'dtype' if target == 'torch_dtype' else target}`")
+            extra = f" ({', '.join(DTYPES)})" if target == "torch_dtype" else ""
+            r.add(" / ".join(f"`model_conf.model_args.{k}`" for k in names), what + extra)
+        r.note("model_conf.model_args.device_map")
+        r.add("other `model_conf.model_args.*`", "as `run_conf.model_args` for sft/dpo: "
+              "accepted only at Silogen's default")
+    for ptype, keys in GEN_PROMPT_KEYS.items():
+        r.note(f"prompt_conf.type: {ptype}")
+    for key in dict.fromkeys(k for keys in GEN_PROMPT_KEYS.values() for k in keys):
+        if key != "type":
+            r.note(f"prompt_conf.{key}")
+    r.note("hf_gen_params.*")
+    r.add(", ".join(f"`hf_gen_params.{k}`" for k in GEN_DEFAULTS),
+          "default " + ", ".join(f"{v}" for v in GEN_DEFAULTS.values()) + " (Silogen's); the "
+          "prompt is cut to max_length - max_new_tokens tokens, which must be at least 1")
+    for key in GEN_TOKEN_DEFAULTS:
+        r.note(f"hf_gen_params.{key}")
+    r.note("quant_conf.quantization_type")
+    r.add(", ".join(f"`quant_conf.{k}`" for k in GEN_QUANT_KEYS if k != "quantization_type"),
+          "bits-and-bytes: BitsAndBytesConfig's fields of the same names")
+    return r.rows
+
+
+def _output_rows(used: set[str]) -> list[tuple[str, str]]:
+    r = _Rows(used, "output:")
+    for key in GEN_OUTPUT_KEYS:
+        r.note(key)
+    return r.rows
+
+
+def _table(head: tuple[str, str], rows: list[tuple[str, str]]) -> list[str]:
+    esc = lambda cell: cell.replace("|", "\\|")  # noqa: E731
+    return [f"| {head[0]} | {head[1]} |", "|---|---|",
+            *(f"| {esc(k)} | {esc(v)} |" for k, v in rows)]
+
+
+def doc_tables() -> str:
+    """The key-by-key tables of docs/silogen.md (Markdown), from this module's tables."""
+    used: set[str] = set()
+    lines = ["### `fmtune sft` / `fmtune dpo` (experiment configs)", "",
+             *_table(("Silogen key", "fmtune option / behaviour"), _train_rows(used)), "",
+             "### `fmtune generate CONFIG.yaml OUTPUT.yaml` (generation configs)", "",
+             *_table(("Silogen key", "fmtune behaviour"), _generate_rows(used)), "",
+             "Each record of the output YAML list, in this order:", "",
+             *_table(("key", "value"), _output_rows(used))]
+    stale = [k for k in KEY_NOTES if k not in used]
+    if stale:
+        raise KeyError(f"silogen.KEY_NOTES: no key table has {', '.join(stale)}")
+    return "\n".join(lines) + "\n"
