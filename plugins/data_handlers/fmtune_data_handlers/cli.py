@@ -29,6 +29,47 @@ def _setup(argv: list[str], prog: str):
     return config, tokenizer, plugin.prepare(config, tokenizer, pm)
 
 
+SHARD_ROWS = 500_000
+# the column types of non-streamed output (datasets' defaults for the token columns)
+TOKEN_TYPES = {"input_ids": "int32", "labels": "int64", "attention_mask": "int8"}
+
+
+def _write_parquet(ds, folder: str, split: str) -> int:
+    """``ds`` as parquet shards of at most SHARD_ROWS rows; returns the number of rows. A
+    stream (``dataprocessor.streaming``) has no length: it is written batch by batch."""
+    if hasattr(ds, "__len__"):
+        shards = max(1, len(ds) // SHARD_ROWS + (len(ds) % SHARD_ROWS > 0))
+        for k in range(shards):
+            ds.shard(shards, k, contiguous=True).to_parquet(
+                os.path.join(folder, f"{split}-{k:05d}-of-{shards:05d}.parquet"))
+        return len(ds)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts, writer, rows, in_shard = [], None, 0, 0
+    for batch in ds.iter(batch_size=10_000):
+        table = pa.table({c: pa.array(v, pa.list_(pa.type_for_alias(TOKEN_TYPES[c]))
+                                      if c in TOKEN_TYPES else None)
+                          for c, v in batch.items()})
+        while table.num_rows:
+            if writer is None:
+                parts.append(os.path.join(folder, f".part-{len(parts)}.parquet"))
+                writer, in_shard = pq.ParquetWriter(parts[-1], table.schema), 0
+            take = table.slice(0, SHARD_ROWS - in_shard)
+            writer.write_table(take)
+            in_shard += take.num_rows
+            rows += take.num_rows
+            table = table.slice(take.num_rows)
+            if in_shard == SHARD_ROWS:
+                writer.close()
+                writer = None
+    if writer is not None:
+        writer.close()
+    for k, part in enumerate(parts):
+        os.replace(part, os.path.join(folder, f"{split}-{k:05d}-of-{len(parts):05d}.parquet"))
+    return rows
+
+
 def _counts_line(counts: dict[str, int]) -> str:
     kept = counts.get("ok", 0) + counts.get("truncated", 0)
     parts = [f"{kept} kept", f"{counts.get('truncated', 0)} truncated at max_seq_length"]
@@ -55,11 +96,7 @@ def preprocess(argv: list[str]) -> int:
                 continue
             folder = os.path.join(tmp, f"{split}_dataset")
             os.makedirs(folder)
-            shards = max(1, len(ds) // 500_000 + (len(ds) % 500_000 > 0))
-            for k in range(shards):
-                ds.shard(shards, k, contiguous=True).to_parquet(
-                    os.path.join(folder, f"{split}-{k:05d}-of-{shards:05d}.parquet"))
-            written[split] = len(ds)
+            written[split] = _write_parquet(ds, folder, split)
         for split in written:
             final = os.path.join(out, f"{split}_dataset")
             if os.path.exists(final):
@@ -68,7 +105,8 @@ def preprocess(argv: list[str]) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for split, n in written.items():
-        print(f"{split}: {_counts_line(prepared.counts[split])} -> "
+        counts = prepared.counts[split]
+        print(f"{split}: {_counts_line(counts) if counts else 'streamed, not counted'} -> "
               f"{os.path.join(out, f'{split}_dataset')} ({n} rows)")
     return 0
 

@@ -117,6 +117,71 @@ def load_hub(name: str, streaming: bool = False, split: str = "train"):
                         f"dataset ({why})") from None
 
 
+def _first_json_record(path: str) -> dict | None:
+    """The first record of a JSON/JSONL file, reading no more than it needs (twice as much
+    each try, so a huge first record costs linear time)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        text, size = "", 1 << 16
+        while True:
+            chunk = f.read(size)
+            text += chunk
+            size *= 2
+            body = text.lstrip()
+            if body.startswith("["):
+                body = body[1:].lstrip()
+            try:
+                obj, _ = decoder.raw_decode(body)
+                return obj if isinstance(obj, dict) else None
+            except json.JSONDecodeError:
+                if not chunk:
+                    return None
+
+
+def file_columns(path: str, builder: str | None = None) -> list[str] | None:
+    """The columns of one data file, read from its schema, header or first record without
+    loading it (None: unknown, e.g. unreadable; the loader reports that later)."""
+    kind = builder or BUILDERS.get(os.path.splitext(path)[1])
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if kind == "arrow":
+            import pyarrow as pa
+
+            try:  # datasets writes Arrow IPC streams; other tools write IPC files
+                with pa.memory_map(path) as source:
+                    return list(pa.ipc.open_stream(source).schema.names)
+            except pa.ArrowInvalid:
+                with pa.memory_map(path) as source:
+                    return list(pa.ipc.open_file(source).schema.names)
+        if kind == "json":
+            record = _first_json_record(path)
+            return None if record is None else list(record)
+        if kind == "csv":
+            import csv
+
+            with open(path, encoding="utf-8", newline="") as f:
+                return next(csv.reader(f), None)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def peek_columns(paths: Any, builder: str | None = None) -> dict[str, list[str]]:
+    """``{file: columns}`` of the first file behind each local path (hub ids and unreadable
+    files are left out): cheap enough for config validation."""
+    found = {}
+    for path in split_paths(paths):
+        files = expand(path)
+        if files:
+            cols = file_columns(files[0], builder)
+            if cols is not None:
+                found[files[0]] = cols
+    return found
+
+
 def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
                split: str | None = None):
     """One dataset from one or more paths/folders/globs/hub ids (concatenated).

@@ -8,13 +8,21 @@ segments (e.g. ``Label:`` + ``no`` merged), the example is instead tokenized
 segment by segment and concatenated, so no token ever crosses a boundary and
 the trained tokens decode exactly to the completion text.
 
+Texts are cut to what ``max_length`` tokens can reach before they are tokenized
+(``fmtune.truncation``): the segments of an example keep at most that many characters in all,
+counted from the start, so a 50 MB record is not tokenized whole; the first ``max_length``
+tokens, and whether the row counts as truncated, stay the same.
+
 Each encoded row gets a ``status`` used for the counts shown by ``fmtune data
 preview``: ``ok``, ``truncated``, or ``dropped: <reason>``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+from fmtune import truncation
 
 IGNORE = -100
 Segments = list[tuple[str, bool]]
@@ -26,6 +34,29 @@ def _specials(tokenizer) -> tuple[list[int], list[int]]:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     at = next((i for i in range(len(with_sp)) if with_sp[i:i + len(plain)] == plain), 0)
     return with_sp[:at], with_sp[at + len(plain):]
+
+
+def budget_for(tokenizer, max_length: int | None) -> int | None:
+    """Characters of an example worth tokenizing when it is cut to ``max_length`` tokens
+    (None: no limit)."""
+    if not max_length or max_length >= sys.maxsize:
+        return None
+    return truncation.char_budget(tokenizer, max_length)
+
+
+def cut_segments(segs: Segments, budget: int | None) -> Segments:
+    """The segments cut cumulatively to ``budget`` characters in all: the segment that reaches
+    the budget is cut, those after it are dropped."""
+    if budget is None or sum(len(t) for t, _ in segs) <= budget:
+        return segs
+    out, left = [], budget
+    for text, trained in segs:
+        if left <= 0:
+            break
+        text = truncation.cut(text, left)
+        out.append((text, trained))
+        left -= len(text)
+    return out
 
 
 def _by_segment(tokenizer, segs: Segments, prefix: list[int], suffix: list[int]):
@@ -86,6 +117,9 @@ def encode(tokenizer, examples: list[Segments], max_length: int, add_eos: bool =
     import numpy as np
 
     prefix, suffix = _specials(tokenizer) if add_special_tokens and examples else ([], [])
+    budget = budget_for(tokenizer, max_length)  # a 50 MB record is not tokenized whole
+    if budget is not None:
+        examples = [cut_segments(segs, budget) for segs in examples]
     texts = ["".join([t for t, _ in segs]) for segs in examples]
     # The Rust tokenizer directly: ids and offsets without per-token Python conversion.
     encodings = (tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)

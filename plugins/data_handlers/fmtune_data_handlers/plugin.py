@@ -52,12 +52,52 @@ def validate_config(config, pm):
             if dc.streaming and (config.max_steps or -1) <= 0:
                 problems.append(f"{config.data_config_path}: dataprocessor.streaming needs "
                                 "max_steps (a stream has no length)")
+            if dc.streaming and config.packing:
+                problems.append(f"{config.data_config_path}: dataprocessor.streaming: packing "
+                                "groups examples by length over the whole dataset, which a "
+                                "stream cannot give; use --padding_free, or streaming: false")
+            problems += _pretokenized_problems(config, dc)
         except DataError as e:
             problems.append(str(e))
+    elif config.training_data_path:
+        problems += _pretokenized_problems(config, None)
     if config.eval_strategy != "no" and not (config.validation_data_path or config.data_config_path):
         problems.append(f"eval_strategy={config.eval_strategy} needs validation data "
                         "(validation_data_path, or a split in the data_config)")
     return problems
+
+
+# fms-hf-tuning's flags that describe how to turn text into tokens
+FORMAT_FLAGS = ("response_template", "instruction_template", "data_formatter_template",
+                "dataset_text_field")
+
+
+def _pretokenized_problems(config, dc) -> list[str]:
+    """Text-format flags given for data that is already tokenized (an ``input_ids`` column)
+    would be silently ignored, or fail after the model has loaded: refused up front, as
+    fms-hf-tuning refuses them. Only the first file of each path is looked at (its schema,
+    header or first record), so this is cheap; hub ids are not looked at."""
+    from .loading import peek_columns
+
+    given = [f"--{name}" for name in FORMAT_FLAGS if getattr(config, name, None)]
+    if not given:
+        return []
+    if dc is None:
+        sources = [("", peek_columns(config.training_data_path))]
+    else:  # refused only when no dataset of the data_config takes text
+        sources = [(f"datasets[{spec.name}]: ", peek_columns(spec.data_paths, spec.builder))
+                   for spec in dc.datasets]
+    pretokenized = [(where, cols) for where, cols in sources
+                    if cols and all("input_ids" in c for c in cols.values())]
+    if not pretokenized or len(pretokenized) < len(sources):
+        return []
+    where, cols = pretokenized[0]
+    file, names = next(iter(cols.items()))
+    one = len(given) == 1
+    return [f"{dc.source + ': ' if dc is not None else ''}{' '.join(given)} "
+            f"{'does' if one else 'do'} not apply to pretokenized data ({where}{file} has "
+            f"columns {', '.join(names)}); drop {'it' if one else 'them'} or give untokenized "
+            "data"]
 
 
 @hookimpl

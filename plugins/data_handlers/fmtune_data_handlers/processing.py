@@ -211,8 +211,9 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
         spec = DatasetSpec(d["name"], paths, d.get("builder"), d.get("sampling"), split, steps,
                            d.get("dataset_split_name"), d.get("shuffle", True))
         if streaming and split and max(spec.fractions()) < 1:
-            raise DataError(f"{where}.split: a streamed dataset splits only whole (train: 1.0 or "
-                            "validation: 1.0); partial splits need streaming: false")
+            raise DataError(f"{where}.split: dataset {spec.name!r} is streamed, and a stream "
+                            "splits only whole (train: 1.0 or validation: 1.0); partial splits "
+                            "need streaming: false")
         specs.append(spec)
     if not any(s.fractions()[0] > 0 for s in specs):
         raise DataError(f"{path}: datasets: no dataset gives a train split")
@@ -374,9 +375,10 @@ def _finish(ds, name: str, counts: dict[str, int], streaming: bool):
                                input_columns="status", batched=True)
         else:
             ds = ds.filter(lambda r: not r["status"].startswith("dropped"))
-    else:
-        counts["ok"] = counts.get("ok", 0) + (0 if streaming else len(ds))
-    keep = [c for c in TOKEN_COLUMNS if c in (ds.column_names or TOKEN_COLUMNS)]
+    elif not streaming:  # a stream is not counted
+        counts["ok"] = counts.get("ok", 0) + len(ds)
+    # labels exist by now; a stream may not know its columns, so take them from ``cols``
+    keep = [c for c in TOKEN_COLUMNS if c in cols or c == "labels"]
     return ds.select_columns(keep)
 
 
