@@ -47,6 +47,9 @@ its version); the column "activates" below lists them. `--plugins a,b` stays the
 - **EOS**: fmtune appends the tokenizer's real EOS token id to single-sequence and formatter
   data; fms-hf-tuning 3.2.2 appends the text `</s>`, which some tokenizers split into several
   ordinary tokens.
+- **`fmtune generate` output** (fms-hf-tuning's `scripts/run_inference.py` flags and
+  `--out_file` JSON format): `output` holds only the generated text, where the inference
+  script's `output` repeats the input before it (its docs say so).
 - **Remote code**: a model folder with its own Python code (`auto_map`) is refused unless
   `--trust_remote_code true`; fmtune never asks on stdin.
 - **`include_tokens_per_second`** (a transformers 4 field) is accepted and changes nothing:

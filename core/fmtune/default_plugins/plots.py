@@ -26,8 +26,10 @@ def on_train_end(run, summary):
     history = getattr(run.state, "log_history", None) or []
     try:
         plot = plot_loss(run.output_dir, lr=learning_rates(history), lr_from="the trainer's log")
-    except ConfigError as e:  # nothing logged (logging_steps > steps): no plot
-        log.info("no loss plot: %s", e)
+    except ConfigError:  # nothing logged (logging_steps > steps): no plot
+        steps = getattr(run.state, "global_step", "?")
+        log.info("no loss plot: the run's %s steps logged no loss (logging_steps %s)", steps,
+                 getattr(run.config, "logging_steps", "?"))
         return
     except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training
         log.warning("loss plot failed: %s: %s", type(e).__name__, e)
