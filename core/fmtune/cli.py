@@ -202,8 +202,8 @@ def cmd_train(argv: list[str], extra_plugins: list[Any] = ()) -> int:
         print("fmtune: data processed, no training (do_dataprocessing_only): "
               + "; ".join(f"{v['rows']} rows in {v['folder']}" for k, v in summary.items()
                           if isinstance(v, dict)))
-    elif is_main_process():
-        _print_summary(summary)
+    elif is_main_process() and not summary.get("already_finished"):
+        _print_summary(summary)  # a finished run's rerun said its one line already
     return 0
 
 

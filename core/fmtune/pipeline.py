@@ -19,16 +19,16 @@ from typing import Any
 
 import pluggy
 
-from . import __version__, distributed
+from . import __version__, distributed, runlock
 from .config import Config, ConfigError
 from .files import write_json
 from .plugins import plugin_versions, record_answers
+from .runlock import SUMMARY_FILE
 
 log = logging.getLogger("fmtune")
 
 CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save",
                  "should_evaluate", "should_log")
-SUMMARY_FILE = "run_summary.json"
 
 
 @dataclass(eq=False)
@@ -265,20 +265,6 @@ def dump_datasets(config: Config, train_ds: Any, eval_ds: Any, main: bool) -> di
     return written
 
 
-def find_resume(config: Config) -> str | None:
-    """The checkpoint to resume from, per ``resume_from_checkpoint``."""
-    value = str(config.resume_from_checkpoint)
-    if value.lower() in ("false", "none"):
-        return None
-    if value.lower() in ("auto", "true"):
-        last = newest_complete_checkpoint(config.output_dir)
-        if last is None and value.lower() == "true":
-            log.warning("resume_from_checkpoint=true but %s holds no checkpoint: starting fresh",
-                        config.output_dir)
-        return last
-    return value
-
-
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                 "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
 
@@ -363,19 +349,33 @@ def peak_rss_mb() -> float:
 
 
 def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
-    """Run a whole training; return the run summary (also written to output_dir)."""
-    from . import runlock
-
+    """Run a whole training; return the run summary (also written to output_dir). A rerun of
+    a finished run returns that run's summary with ``already_finished`` and ``message`` (the
+    line to show) added, having written nothing."""
+    # the options as parsed (before any plugin's validate_config sees them): recorded in
+    # output_dir/fmtune_config.json and compared with those of a run already there
+    record = runlock.effective_config(config)
     validate(config, pm)
     # one run per output_dir (the main process holds the lock; the others share its folder)
     lock = runlock.acquire(config.output_dir) if distributed.is_main_process() else None
     try:
-        return _train(config, pm)
+        # a rerun into a folder that holds a run: resume, continue, nothing to do, or refuse
+        # (one line), decided here before the tokenizer, the data or the model load
+        rerun = None if config.get("do_dataprocessing_only") else runlock.plan_rerun(config,
+                                                                                    record)
+        if rerun is not None and rerun.finished:
+            # nothing is written: the finished run's files stay as they are
+            if distributed.is_main_process():
+                log.info("%s", rerun.finished)
+            return {**(rerun.summary or {}), "already_finished": True,
+                    "message": rerun.finished}
+        return _train(config, pm, record, rerun or runlock.Rerun())
     finally:
         runlock.release(lock)
 
 
-def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
+def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
+           rerun: runlock.Rerun) -> dict[str, Any]:
     import torch
 
     start = time.perf_counter()
@@ -418,9 +418,11 @@ def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     run.is_main_process = run.trainer.is_world_process_zero()
     run.state = run.trainer.state
 
-    run.resumed_from = find_resume(config)
+    run.resumed_from = rerun.resume_from
     if run.resumed_from:
         log.info("resuming from %s", run.resumed_from)
+    if run.is_main_process:  # clears a previous run on start-over, writes fmtune_config.json
+        runlock.begin(config, record, rerun)
     t = time.perf_counter()
     save_dir = config.save_model_dir or config.output_dir
     try:
@@ -479,6 +481,10 @@ def _train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
         "resumed_from": run.resumed_from,
         "output_dir": os.path.abspath(config.output_dir),
         "model_saved_to": os.path.abspath(saved) if saved else None,
+        # this summary belongs to the run recorded in fmtune_config.json with this hash; a
+        # rerun of the same command finds the run finished and does nothing (runlock)
+        "completed": True,
+        "config_hash": record["config_hash"],
     }
     summary["wall_time_s"] = round(time.perf_counter() - start, 3)  # so far, for the hook
     pm.hook.on_train_end(run=run, summary=summary)

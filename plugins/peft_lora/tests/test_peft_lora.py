@@ -232,6 +232,7 @@ def test_resume_from_adapter_checkpoint_matches_uninterrupted(fmtune_tiny_model,
     assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt"} <= set(
         os.listdir(cut / "checkpoint-2"))
     shutil.rmtree(cut / "checkpoint-4")
+    (cut / "run_summary.json").unlink()  # as if killed: a completed run's rerun does nothing
     rec = peft_helpers.train(args(cut))
     summary = json.loads((cut / "run_summary.json").read_text())
     assert summary["resumed_from"] == str(cut / "checkpoint-2") and summary["global_step"] == 6
