@@ -173,7 +173,10 @@ def make_callback(run: Run):
 
         def on_save(self, args, state, control, **kw):
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            return self._merge(control, run.pm.hook.on_save(run=run, checkpoint_dir=ckpt))
+            merged = self._merge(control, run.pm.hook.on_save(run=run, checkpoint_dir=ckpt))
+            if run.is_main_process and os.path.isdir(ckpt):
+                mark_complete(ckpt, state.global_step)  # last: every file is written
+            return merged
 
     return HookCallback()
 
@@ -269,11 +272,31 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_mo
                 "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
 
 
-def checkpoint_problem(folder: str) -> str | None:
+# transformers' Trainer writes checkpoint-N in place (its saving, rotation and best-model
+# tracking all assume that name), so fmtune does not write to a temporary folder and rename it;
+# it marks a checkpoint complete once everything is in it (the Trainer's files, then every
+# plugin's on_save), with this file written atomically, and resume takes only marked
+# checkpoints: for a reader that is the same as an atomic rename. A checkpoint without the mark
+# beside marked ones was cut short; folders written before the mark existed (no checkpoint
+# marked) are judged by their files (checkpoint_problem).
+COMPLETE_MARK = "fmtune_checkpoint_complete.json"
+
+
+def mark_complete(folder: str, step: int) -> None:
+    from .files import write_json
+
+    write_json(os.path.join(folder, COMPLETE_MARK), {"global_step": step,
+                                                     "fmtune_version": __version__})
+
+
+def checkpoint_problem(folder: str, marks_expected: bool = False) -> str | None:
     """Why ``folder`` (a ``checkpoint-N``) cannot be resumed from, or None: a run killed while
-    saving leaves one without its trainer state, weights or optimizer, or with truncated ones."""
+    saving leaves one without its trainer state, weights or optimizer, or with truncated ones,
+    and (``marks_expected``: the run marks its checkpoints) without :data:`COMPLETE_MARK`."""
     from .files import read_json_object
 
+    if marks_expected and read_json_object(os.path.join(folder, COMPLETE_MARK)) is None:
+        return f"no {COMPLETE_MARK} (cut short while saving)"
     state = read_json_object(os.path.join(folder, "trainer_state.json"))
     if state is None or not isinstance(state.get("global_step"), int):
         return "trainer_state.json missing or unreadable"
@@ -325,8 +348,9 @@ def newest_complete_checkpoint(output_dir: str) -> str | None:
         if prefix == "checkpoint" and step.isdigit() and os.path.isdir(
                 os.path.join(output_dir, name)):
             found.append((int(step), os.path.join(output_dir, name)))
+    marks = any(os.path.isfile(os.path.join(f, COMPLETE_MARK)) for _, f in found)
     for _, folder in sorted(found, reverse=True):
-        why = checkpoint_problem(folder)
+        why = checkpoint_problem(folder, marks_expected=marks)
         if why is None:
             return folder
         log.warning("not resuming from %s: %s (incomplete, probably killed while saving)",

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from fmtune.config import suggest
 from fmtune.default_plugins.data import join  # the core's (fms-hf-tuning's) separator rule
 
+from .chat import ChatRenderer
 from .loading import DataError
 from .masking import encode
 
@@ -197,27 +198,42 @@ def apply_tokenizer_chat_template(batch, tokenizer, conversation_column=None,
     """Render conversations to text with the tokenizer's (or the given) chat template.
 
     The column is ``conversation_column_name`` (fms-hf-tuning) or ``conversation_column``;
-    without either, the first of messages/conversation/chat/turns present.
+    without either, the first of messages/conversation/chat/turns present. A template that
+    reads ``messages['messages']`` gets the whole record as ``messages`` (see ``chat``).
     """
-    column = conversation_column_name or conversation_column or next(
-        (c for c in CONVERSATION_COLUMNS if c in batch), CONVERSATION_COLUMNS[0])
-    convs = _column(batch, column, "apply_tokenizer_chat_template")
+    where = "apply_tokenizer_chat_template"
+    renderer = ChatRenderer(tokenizer, chat_template, where)
+    named = conversation_column_name or conversation_column
+    column = named or next((c for c in CONVERSATION_COLUMNS if c in batch), None)
+    if renderer.form()[1] and not named:  # the record form needs no conversation column
+        convs = batch[column] if column else [None] * _rows_in(batch)
+    else:
+        convs = _column(batch, column or CONVERSATION_COLUMNS[0], where)
     return {formatted_text_column_name: [
-        tokenizer.apply_chat_template(c, tokenize=False, chat_template=chat_template,
-                                      **_chat_extras(batch, i)) for i, c in enumerate(convs)]}
+        renderer.render(c, rec, **_chat_extras(batch, i))
+        for i, (c, rec) in enumerate(zip(convs, _records(batch)))]}
 
 
-def chat_segments(tokenizer, messages: list[dict], chat_template=None,
-                  **extras) -> list[tuple[str, bool]]:
+def _rows_in(batch: dict) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def chat_segments(tokenizer, messages: list[dict], chat_template=None, record=None,
+                  renderer: ChatRenderer | None = None, **extras) -> list[tuple[str, bool]]:
     """Assistant turns (with their end-of-turn text) trained; everything else not.
 
     Each assistant turn's text is the difference between the conversation
     rendered up to it with a generation prompt and rendered including it.
-    ``extras`` (tools, documents) go to the template.
+    ``extras`` (tools, documents) go to the template. A record-form template
+    (``messages['messages']``) sees ``record`` with its conversation column cut the same way.
     """
+    renderer = renderer or ChatRenderer(tokenizer, chat_template, "chat template")
+    record = record or {}
+    column = renderer.column
+
     def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
-                                             chat_template=chat_template, **extras)
+        rec = {**record, column: msgs} if column else record
+        return renderer.render(msgs, rec, add_generation_prompt=gen, **extras)
 
     segs: list[tuple[str, bool]] = []
     done = ""
@@ -260,22 +276,23 @@ def tokenize_and_apply_chat_template_with_masking(
         batch, tokenizer, max_seq_length, conversation_column="messages", chat_template=None,
         instruction_template=None, response_template=None, **_):
     """Chat data: only assistant turns (and their end-of-turn tokens) are trained."""
-    convs = _column(batch, conversation_column, "tokenize_and_apply_chat_template_with_masking")
+    where = "tokenize_and_apply_chat_template_with_masking"
+    renderer = ChatRenderer(tokenizer, chat_template, where, column=conversation_column)
+    convs = _column(batch, conversation_column, where)
     segs, reasons = [], {}
-    for i, conv in enumerate(convs):
+    for i, (conv, record) in enumerate(zip(convs, _records(batch))):
         if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in conv):
             raise DataError(f"column {conversation_column!r}: record {i + 1} of this batch is not "
                             "a list of {role, content} messages")
         extras = _chat_extras(batch, i)
         if response_template:
-            text = tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
-                                                 **extras)
+            text = renderer.render(conv, record, **extras)
             s = template_segments(text, instruction_template, response_template)
             if not any(t for _, t in s):
                 reasons[i] = "dropped: response_template not found"
         else:
-            s = chat_segments(tokenizer, conv, chat_template, **extras)
+            s = chat_segments(tokenizer, conv, record=record, renderer=renderer, **extras)
             if not any(t for _, t in s):
                 reasons[i] = "dropped: no assistant turn"
         segs.append(s or [("", False)])

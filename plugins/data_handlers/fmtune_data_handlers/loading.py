@@ -1,8 +1,8 @@
 """Turning ``training_data_path`` values into a ``datasets.Dataset``.
 
-Accepts JSON, JSONL, Parquet, Arrow and CSV files, folders of them, globs,
-several paths (a list, or comma-separated), and Hugging Face dataset ids
-(from the local cache; no download when ``HF_HUB_OFFLINE=1``).
+Accepts JSON, JSONL, Parquet, Arrow and CSV files, folders of them, folders written by
+``save_to_disk``, globs, several paths (a list, or comma-separated), and Hugging Face
+dataset ids (from the local cache; no download when ``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
@@ -30,16 +30,73 @@ def split_paths(paths: Any) -> list[str]:
     return [str(p).strip() for p in paths if str(p).strip()]
 
 
+# what ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` write next to the Arrow files
+SAVED_DATASET = ("state.json", "dataset_info.json")
+SAVED_DICT = "dataset_dict.json"
+
+
+def saved_kind(folder: str) -> str | None:
+    """"dataset" or "dict" for a folder written by ``save_to_disk``, else None."""
+    if all(os.path.isfile(os.path.join(folder, f)) for f in SAVED_DATASET):
+        return "dataset"
+    if os.path.isfile(os.path.join(folder, SAVED_DICT)):
+        return "dict"
+    return None
+
+
+def _saved_arrow_files(folder: str) -> list[str]:
+    """The Arrow files of a ``save_to_disk`` folder, in the order its state.json lists them."""
+    try:
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            names = [d["filename"] for d in json.load(f)["_data_files"]]
+        return [os.path.join(folder, n) for n in names]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".arrow"))
+
+
 def expand(path: str) -> list[str]:
-    """Files behind a path, folder or glob (sorted); [] when none exist."""
+    """Files behind a path, folder or glob (sorted); [] when none exist. A ``save_to_disk``
+    folder inside a folder counts with its Arrow files only, not its JSON metadata."""
     if any(c in path for c in "*?["):
         return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if os.path.isdir(path):
         found = []
-        for root, _, files in os.walk(path):
-            found += [os.path.join(root, f) for f in files if os.path.splitext(f)[1] in BUILDERS]
-        return sorted(found)
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            if saved_kind(root) == "dataset":
+                found += _saved_arrow_files(root)
+                dirs[:] = []
+                continue
+            found += sorted(os.path.join(root, f) for f in files
+                            if os.path.splitext(f)[1] in BUILDERS and
+                            not (f == SAVED_DICT and saved_kind(root) == "dict"))
+        return found if saved_kind(path) else sorted(found)
     return [path] if os.path.isfile(path) else []
+
+
+def load_saved(folder: str, streaming: bool = False, split: str | None = None):
+    """A ``save_to_disk`` folder as the dataset it holds (of a DatasetDict: ``split``, by
+    default "train"), without the format it was saved with."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(folder)
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types
+        raise DataError(f"{folder}: cannot be read as a save_to_disk folder: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(ds, DatasetDict):
+        want = split or "train"
+        if want not in ds:
+            raise DataError(f"{folder}: the saved DatasetDict has no split {want!r} (splits: "
+                            f"{', '.join(ds)}); set dataset_split_name in the data_config")
+        ds = ds[want]
+    elif split and split != "train":
+        raise DataError(f"{folder}: dataset_split_name {split!r}: a saved Dataset (not a "
+                        "DatasetDict) has only the split 'train'")
+    ds = ds.with_format(None)
+    if len(ds) == 0:
+        raise DataError(f"{folder}: no records")
+    return ds.to_iterable_dataset() if streaming else ds
 
 
 def _json_error(path: str) -> str | None:
@@ -193,6 +250,9 @@ def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
 
     parts = []
     for path in split_paths(paths):
+        if os.path.isdir(path) and saved_kind(path):
+            parts.append(load_saved(path, streaming, split))
+            continue
         if split and split != "train" and os.path.isdir(path):
             parts.append(load_hub(path, streaming, split))
             continue

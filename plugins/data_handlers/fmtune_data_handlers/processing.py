@@ -17,6 +17,7 @@ import yaml
 
 from fmtune.config import load_yaml_text, suggest
 
+from .chat import CHAT_HANDLERS, require_template
 from .handlers import Registry
 from .loading import DataError, load_paths, split_paths
 
@@ -266,6 +267,8 @@ def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_templ
         kwargs.setdefault("max_seq_length", config.max_seq_length)
     if chat_template and handler.accepts("chat_template"):
         kwargs.setdefault("chat_template", chat_template)
+    if step.name in CHAT_HANDLERS:  # before any record is read, with the dataset's name
+        require_template(tokenizer, kwargs.get("chat_template"), f"{where} ({step.name})")
     batched = step.batched or handler.batch_only
     if handler.kind != "map" and step.remove_columns is not None:
         log.warning("%s: remove_columns does not apply to %s (a %s handler); ignored, as "
@@ -415,6 +418,12 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         dc = DataConfig([DatasetSpec("training_data", split_paths(config.training_data_path))],
                         seed=config.seed, chat_template=config.chat_template)
     chat_template = config.chat_template or dc.chat_template
+    for spec in dc.datasets:  # a data_config's chat handlers: checked before any data loads
+        for k, step in enumerate(spec.steps):
+            if step.name in CHAT_HANDLERS:
+                require_template(tokenizer, step.fn_kwargs.get("chat_template") or chat_template,
+                                 f"{dc.source}: datasets[{spec.name}].data_handlers[{k}] "
+                                 f"({step.name})")
     valids, counts = [], {"train": {}, "validation": {}}
 
     def run_steps(spec: DatasetSpec, ds):
