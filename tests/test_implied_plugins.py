@@ -130,3 +130,20 @@ def test_plugins_names_a_missing_first_party_plugins_distribution(monkeypatch):
     with pytest.raises(plugins.PluginError, match=r"plugin 'mlflow' is not installed "
                        r"\(pip install fmtune-mlflow\)"):
         plugins.load(["mlflow"])
+
+
+def test_chat_records_activate_the_plugin_that_reads_them(tmp_path):
+    """fms-hf-tuning reads chat data (a `messages` list of turns) with no flag; fmtune's core
+    reads input/output and text records, so a chat training file activates the chat reader."""
+    from fmtune.testing import write_jsonl
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    conv = tmp_path / "conv.json"
+    conv.write_text('[{"conversations": [{"role": "user", "content": "hi"}]}]')
+    io = write_jsonl(tmp_path / "io.jsonl", [{"input": "a", "output": "b"}])
+    assert activated("--training_data_path", chat) == ["data_handlers"]
+    assert activated("--training_data_path", str(conv)) == ["data_handlers"]
+    assert activated("--training_data_path", io) == []
+    # a text field chosen by the user: the core reads the file
+    assert activated("--training_data_path", chat, "--dataset_text_field", "x") == []

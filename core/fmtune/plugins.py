@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
+import os
 import weakref
 from dataclasses import dataclass
 from importlib import metadata
@@ -138,7 +139,11 @@ def implications() -> list[Implication]:
 
 
 def _given(yaml_values: dict, cli_pairs: list, options: set[str]) -> list[tuple[str, list]]:
-    """``(option, values)`` the user gave; command-line names may be unique prefixes."""
+    """``(option, values)`` the user gave; command-line names may be unique prefixes. Plus
+    ``("chat_records", [FIELD])`` when the training file is JSON/JSONL whose first record is a
+    chat (FIELD holds role/content turns) and the user chose no text field: the core's own
+    reader takes input/output and text records, so chat data asks for the plugin that declares
+    ``"chat_records:FIELD"`` (fms-hf-tuning reads chat data with no flag)."""
     given = []
     for key, value in yaml_values.items():
         values = value if isinstance(value, list) else [value]
@@ -149,7 +154,34 @@ def _given(yaml_values: dict, cli_pairs: list, options: set[str]) -> list[tuple[
         if name not in options and len(hits) == 1:
             name = hits[0]
         given.append((name, ["true"] if values is None else values))
+    if "chat_records" in options:
+        given += _chat_records(given)
     return given
+
+
+def _chat_records(given: list[tuple[str, list]]) -> list[tuple[str, list]]:
+    names = {n for n, _ in given}
+    if names & {"dataset_text_field", "data_formatter_template", "data_config_path"}:
+        return []
+    paths = [v for n, vs in given if n == "training_data_path" for v in vs]
+    if len(paths) != 1 or not str(paths[0]).lower().endswith((".jsonl", ".json")):
+        return []
+    try:
+        with open(paths[0], encoding="utf-8") as f:
+            if str(paths[0]).lower().endswith(".jsonl"):
+                first = json.loads(next((line for line in f if line.strip()), "null"))
+            elif os.path.getsize(paths[0]) < 64 * 1024 * 1024:
+                data = json.load(f)
+                first = data[0] if isinstance(data, list) and data else None
+            else:
+                return []
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []  # the data checks report it
+    if not isinstance(first, dict) or "input" in first:
+        return []
+    turns = [k for k, v in first.items() if isinstance(v, list) and v
+             and isinstance(v[0], dict) and "role" in v[0]]
+    return [("chat_records", turns)] if turns else []
 
 
 def _matches(specs: list[Implication], given: list[tuple[str, list]],
@@ -171,8 +203,10 @@ def _matches(specs: list[Implication], given: list[tuple[str, list]],
                      and fnmatch.fnmatchcase(str(value).lower(), s.value)]
         for spec in hits:
             if spec.plugin not in found:
-                found[spec.plugin] = (spec, f"--{option}" + (f" {spec.value}" if spec.value
-                                                             else ""))
+                reason = f"--{option}" + (f" {spec.value}" if spec.value else "")
+                if option == "chat_records":
+                    reason = f"chat records (turns in {spec.value!r}) in training_data_path"
+                found[spec.plugin] = (spec, reason)
     return list(found.values())
 
 
@@ -206,6 +240,16 @@ def known_distributions() -> dict[str, dict[str, Any]]:
         return json.loads(KNOWN_FILE.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def provider_of(option: str) -> tuple[str, str] | None:
+    """``(plugin, distribution)`` of the first-party plugin that owns ``option`` (declares it in
+    ``fmtune.implied_by`` for any value), from the catalog; None when none does."""
+    for dist, info in known_distributions().items():
+        plugin = info.get("implied_by", {}).get(option)
+        if plugin:
+            return plugin, dist
+    return None
 
 
 def distribution_of(plugin: str) -> str | None:

@@ -41,8 +41,15 @@ class DataError(ConfigError):
 OTHER_FORMATS = (".arrow", ".parquet", ".csv", ".tsv", ".feather")
 
 
+class Records(list):
+    """The records of one file (a list), with the file's ``path`` for error messages."""
+
+    path: str = ""
+
+
 def read_records(path: str) -> list[dict[str, Any]]:
-    """Records of a .json (list of objects) or .jsonl file; errors name file and line."""
+    """Records of a .json (list of objects) or .jsonl file; errors name file and line. The list
+    carries the file's ``path``."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: data file not found")
@@ -57,7 +64,8 @@ def read_records(path: str) -> list[dict[str, Any]]:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
                         f"{e.start}); convert the file to UTF-8") from None
-    records: list[dict[str, Any]] = []
+    records = Records()
+    records.path = str(path)
     if p.suffix == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -92,12 +100,30 @@ def record_where(path: str, rec: dict, index: int) -> str:
 
 def _field(path: str, rec: dict, index: int, name: str) -> str:
     if name not in rec:
-        raise DataError(f"{record_where(path, rec, index)}: missing field {name!r}")
+        raise DataError(f"{record_where(path, rec, index)}: missing field {name!r}"
+                        f"{_chat_hint(rec)}")
     value = rec[name]
     if not isinstance(value, str):
         raise DataError(f"{record_where(path, rec, index)}: field {name!r} must be a string, "
                         f"got {type(value).__name__}")
     return value
+
+
+def _chat_hint(rec: dict) -> str:
+    """For a chat record (a list of role/content turns) given to the core's reader, which reads
+    input/output and text records: the plugin that reads chat data, found in the catalog of
+    first-party plugins by the option it owns (the core names no plugin)."""
+    turns = [k for k, v in rec.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+             and "role" in v[0]]
+    if not turns:
+        return ""
+    from fmtune.plugins import provider_of
+
+    found = provider_of("dataset_conversation_field")
+    plugin = f"--plugins {found[0]}" if found else "a data plugin"
+    return (f" (it is a chat record: {turns[0]!r} holds the turns; chat data needs {plugin}, "
+            "which fms-hf-tuning's chat flags --instruction_template/--dataset_conversation_field "
+            "also activate)")
 
 
 def render(template: str, path: str, rec: dict, index: int) -> str:
