@@ -193,3 +193,19 @@ def test_finished_rerun_says_one_line(fmtune_tiny_model, data, tmp_path):
     res = ok(argv)
     assert res.stdout == "" and res.stderr.strip().splitlines() == [
         line for line in res.stderr.strip().splitlines() if "already finished" in line]
+
+
+def test_train_loss_of_a_continued_run_covers_every_step(fmtune_tiny_model, data, tmp_path):
+    """After a resume, run_summary.json's train_loss is the whole run's mean (it used to cover
+    only the resumed part): a run continued from step 2 to 4 reports what an uninterrupted run
+    to step 4 reports (constant learning rate: the first two steps do not depend on max_steps)."""
+    extra = ("--lr_scheduler_type", "constant", "--logging_steps", "1")
+    whole = tmp_path / "whole"
+    ok(args(fmtune_tiny_model, data, whole, "--max_steps", "4", *extra))
+    cut = tmp_path / "cut"
+    ok(args(fmtune_tiny_model, data, cut, "--max_steps", "2", *extra))
+    ok(args(fmtune_tiny_model, data, cut, "--max_steps", "4", *extra))
+    want, got = summary_of(whole), summary_of(cut)
+    assert got["resumed_from"].endswith("checkpoint-2")
+    assert got["train_loss_steps"] == want["train_loss_steps"] == "1-4"
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)

@@ -358,6 +358,35 @@ def newest_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def whole_run_train_loss(state: Any, session_loss: float, resumed_from: str | None) -> dict:
+    """``train_loss`` (and ``train_loss_steps``, the steps it covers) for the summary.
+    transformers' ``training_loss`` is the mean over the steps this process trained; after a
+    resume, the steps before the checkpoint come from its log history (each logged ``loss`` is
+    the mean since the previous log), exact when the checkpoint's step was a logging step.
+    Otherwise the loss of the steps between the last log and the checkpoint is unknown and the
+    value covers this process's steps only, as ``train_loss_steps`` says."""
+    from .files import read_json_object
+
+    end = state.global_step
+    start = 0
+    if resumed_from:
+        ckpt = read_json_object(os.path.join(resumed_from, "trainer_state.json")) or {}
+        start = int(ckpt.get("global_step") or 0)
+    if not start:
+        return {"train_loss": session_loss, "train_loss_steps": f"1-{end}"}
+    prior, last = 0.0, 0
+    for entry in state.log_history:
+        step = entry.get("step")
+        if "loss" not in entry or not isinstance(step, int) or step > start:
+            continue
+        prior += float(entry["loss"]) * (step - last)
+        last = step
+    if last != start or end <= start:
+        return {"train_loss": session_loss, "train_loss_steps": f"{start + 1}-{end}"}
+    return {"train_loss": (prior + session_loss * (end - start)) / end,
+            "train_loss_steps": f"1-{end}"}
+
+
 def report_error(run: Run, error: BaseException) -> None:
     """Tell every plugin that training failed; their own failures are only logged."""
     for impl in reversed(run.pm.hook.on_train_error.get_hookimpls()):
@@ -483,7 +512,7 @@ def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
         "epoch": state.epoch,
         # the last logged loss; a run shorter than logging_steps logged none: its mean loss
         "final_loss": losses[-1] if losses else result.training_loss,
-        "train_loss": result.training_loss,
+        **whole_run_train_loss(state, result.training_loss, run.resumed_from),
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "train_tokens": tokens,
         "tokens_per_second": tokens / run.timings["train_s"] if run.timings["train_s"] else None,
