@@ -89,14 +89,12 @@ def test_known_plugins_catalog_matches_the_plugins_pyprojects():
     """The core's catalog of first-party distributions is data generated from the plugins'
     own declarations (FMTUNE_WRITE_DOCS=1 rewrites it)."""
     import json
-    import os
 
     from fmtune.plugins import KNOWN_FILE
+    from fmtune.testing import check_generated
 
-    want = json.dumps(_catalog_from_sources(), indent=1) + "\n"
-    if os.environ.get("FMTUNE_WRITE_DOCS") == "1":
-        KNOWN_FILE.write_text(want)
-    assert KNOWN_FILE.read_text() == want, "run FMTUNE_WRITE_DOCS=1 pytest " + __file__
+    check_generated(KNOWN_FILE, json.dumps(_catalog_from_sources(), indent=1) + "\n",
+                    "core/fmtune/known_plugins.json")
 
 
 @pytest.mark.parametrize("argv,line", [

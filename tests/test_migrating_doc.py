@@ -5,12 +5,11 @@ deliberate differences from fms-hf-tuning. The test fails when the doc drifts fr
 
 from __future__ import annotations
 
-import difflib
-import os
 from pathlib import Path
 
 from fmtune import plugins as plugin_mod
 from fmtune.cli import registry_for
+from fmtune.testing import check_generated
 from fmtune.training_options import LEGACY
 from fmtune.training_options import names as training_argument_names
 
@@ -108,13 +107,7 @@ def render() -> str:
 
 
 def test_migrating_doc_matches_the_code():
-    text = render()
-    if os.environ.get("FMTUNE_WRITE_DOCS"):
-        DOC.write_text(text, encoding="utf-8")
-    current = DOC.read_text(encoding="utf-8") if DOC.is_file() else ""
-    diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
-                                        "docs/migrating.md", "generated"))
-    assert not diff, f"docs/migrating.md drifted from the code:\n{diff[:3000]}"
+    check_generated(DOC, render(), "docs/migrating.md")
 
 
 def test_every_option_of_the_doc_is_accepted():

@@ -12,7 +12,6 @@ tests/test_silogen.py; the rows below point there."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fmtune.testing import run_cli, write_jsonl
+from fmtune.testing import check_generated, run_cli, write_jsonl
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "seed-commands.md"
 
@@ -390,10 +389,4 @@ def render_doc() -> str:
 
 
 def test_seed_commands_doc_matches_the_table():
-    text = render_doc()
-    if os.environ.get("FMTUNE_WRITE_DOCS"):
-        DOC.write_text(text, encoding="utf-8")
-    current = DOC.read_text(encoding="utf-8") if DOC.is_file() else ""
-    diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
-                                        "docs/seed-commands.md", "generated"))
-    assert not diff, f"docs/seed-commands.md drifted:\n{diff[:3000]}"
+    check_generated(DOC, render_doc(), "docs/seed-commands.md")

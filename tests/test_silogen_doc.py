@@ -5,14 +5,13 @@ tests/test_silogen_doc.py)."""
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
 from pathlib import Path
 
 import pytest
 
 from fmtune import silogen
+from fmtune.testing import check_generated
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "silogen.md"
 BEGIN = "<!-- BEGIN generated: silogen.doc_tables() -->"
@@ -29,14 +28,7 @@ def render(current: str) -> str:
 
 
 def test_silogen_doc_matches_the_code():
-    current = DOC.read_text(encoding="utf-8")
-    text = render(current)
-    if os.environ.get("FMTUNE_WRITE_DOCS"):
-        DOC.write_text(text, encoding="utf-8")
-        current = text
-    diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
-                                        "docs/silogen.md", "generated"))
-    assert not diff, f"docs/silogen.md drifted from fmtune/silogen.py:\n{diff[:3000]}"
+    check_generated(DOC, render(DOC.read_text(encoding="utf-8")), "docs/silogen.md")
 
 
 def _documented() -> str:

@@ -81,6 +81,21 @@ class CliResult:
     stderr: str
 
 
+def check_generated(path: str | os.PathLike, text: str, label: str | None = None) -> None:
+    """A file generated from the code (docs tables, catalogs) must equal ``text``; with
+    ``FMTUNE_WRITE_DOCS=1`` it is rewritten first. Fails with the diff (for doc-drift tests)."""
+    import difflib
+
+    path = Path(path)
+    if os.environ.get("FMTUNE_WRITE_DOCS") == "1":
+        path.write_text(text, encoding="utf-8")
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                        str(label or path.name), "generated"))
+    assert not diff, (f"{label or path} drifted from the code (regenerate with "
+                      f"FMTUNE_WRITE_DOCS=1):\n{diff[:3000]}")
+
+
 def run_cli(argv: list[str], plugins: list[Any] = ()) -> CliResult:
     """Run ``fmtune ARGV`` in this process, with ``plugins`` registered; capture output."""
     from .cli import main
