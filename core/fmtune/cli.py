@@ -271,8 +271,10 @@ def cmd_generate(argv: list[str]) -> int:
                      "people to read")
     parser.add_argument("--chat", action="store_true", help="render each prompt as a user "
                         "message with the tokenizer's chat template (or --chat_template)")
-    parser.add_argument("--chat_template", help="Jinja chat template for --chat (a string, or a "
-                        "file holding one)")
+    parser.add_argument("--chat_template", help="chat template for --chat instead of the "
+                        "model's: a built-in name (chatml, llama3, granite, gemma, mistral), "
+                        "a file (Jinja; a tokenizer_config.json or tokenizer folder is read for "
+                        "its template) or the Jinja text")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--base_model_name_or_path", help="for an adapter folder: load it over "
                         "this base model instead of the one its adapter_config.json names "
@@ -281,6 +283,7 @@ def cmd_generate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import os
 
+    from . import chat_templates
     from .files import write_json
     from .inference import generate, load_for_inference, read_prompts, render_chat
 
@@ -289,10 +292,7 @@ def cmd_generate(argv: list[str]) -> int:
     texts = read_prompts(args.text_file) if args.text_file else args.text
     if args.out_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.out_file))):
         raise ConfigError(f"--out_file {args.out_file}: its folder does not exist")
-    template = args.chat_template
-    if template and os.path.isfile(template):
-        with open(template, encoding="utf-8") as f:
-            template = f.read()
+    template = chat_templates.resolve(args.chat_template, "--chat_template")
     model, tokenizer = load_for_inference(args.model, args.trust_remote_code,
                                           args.base_model_name_or_path)
     prompts = render_chat(tokenizer, texts, template, args.model) if args.chat else texts

@@ -10,6 +10,7 @@ fmtune renders both, with the same text (so the same ids and labels) for the sam
 from __future__ import annotations
 
 import functools
+import os
 
 from .loading import DataError
 
@@ -21,6 +22,18 @@ RECORD = "fmtune_record"
 # the record as ``messages``. ``+%}`` keeps trim_blocks from eating a newline the template
 # starts with, and the tag renders nothing, so the text is what fms-hf-tuning renders.
 _AS_RECORD = "{% set messages = " + RECORD + " +%}"
+
+
+def configured_template(config) -> str | None:
+    """The run's ``chat_template`` option as Jinja text: a built-in name, a file (relative to
+    the working folder, or to the config file that set it) or the text
+    (:func:`fmtune.chat_templates.resolve`); None when not set."""
+    from fmtune import chat_templates
+
+    value, file, base = config.get("chat_template"), getattr(config, "config_file", None), None
+    if value is not None and file and config.source("chat_template") == file:
+        base = os.path.dirname(os.path.abspath(file))
+    return chat_templates.resolve(value, "chat_template", base)
 
 
 def template_in_use(tokenizer, chat_template: str | None, tools=None) -> str | None:

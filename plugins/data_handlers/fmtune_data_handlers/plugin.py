@@ -15,8 +15,13 @@ def add_options(register):
     register("data_config_path", str, None, "data_config YAML (fms-hf-tuning schema): datasets, "
              "handlers, sampling, splits; replaces training_data_path.")
     register("dataset_conversation_field", str, "messages", "Column holding chat messages.")
-    register("chat_template", str, None, "Jinja chat template (default: the tokenizer's).",
-             shared=True)
+    from fmtune.chat_templates import names
+
+    register("chat_template", str, None, "Chat template: a built-in name "
+             f"({', '.join(names())}), a file (Jinja text; a tokenizer_config.json or tokenizer "
+             "folder is read for its template) or the Jinja text itself (default: the "
+             "tokenizer's). A template the chat data is rendered with is saved with the "
+             "trained tokenizer (final folder and checkpoints).", shared=True)
     register("instruction_template", str, None, "Chat: text that starts a user turn (with "
              "response_template: train from each response to the next instruction).",
              cli_unescape=True)
@@ -61,6 +66,15 @@ def validate_config(config, pm):
             problems.append(str(e))
     elif config.training_data_path:
         problems += _pretokenized_problems(config, None)
+    if config.chat_template is not None:
+        from fmtune.config import ConfigError
+
+        from .chat import configured_template
+
+        try:
+            configured_template(config)
+        except ConfigError as e:
+            problems.append(str(e))
     if config.eval_strategy != "no" and not (config.validation_data_path or config.data_config_path):
         problems.append(f"eval_strategy={config.eval_strategy} needs validation data "
                         "(validation_data_path, or a split in the data_config)")
@@ -135,6 +149,7 @@ def prepare(config, tokenizer, pm):
 @hookimpl
 def prepare_data(config, tokenizer, pm):
     prepared = prepare(config, tokenizer, pm)
+    keep_template(tokenizer, prepared.chat_templates)
     for split, counts in prepared.counts.items():
         if counts:
             log.info("%s data: %s", split, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
@@ -144,6 +159,42 @@ def prepare_data(config, tokenizer, pm):
 
         train = pack(train, config.max_seq_length)
     return train, prepared.validation
+
+
+def keep_template(tokenizer, used: list[str]) -> None:
+    """The chat template the data was rendered with becomes the run's tokenizer's, so every
+    save of it (checkpoints, the final folder, merge and vLLM exports of an adapter) carries
+    it and ``fmtune generate --chat`` renders prompts as in training. Not for several
+    templates (which one?) or a record-form one (``messages['messages']``: inference passes
+    a list of messages)."""
+    from fmtune import chat_templates
+
+    from .chat import record_keys
+
+    if not used or used == [tokenizer.chat_template]:
+        return
+    if len(used) > 1:
+        log.warning("the chat data was rendered with %d different chat templates; none is "
+                    "saved with the tokenizer (set one with --chat_template to save it)",
+                    len(used))
+        return
+    template = used[0]
+    if record_keys(template):
+        log.warning("the chat template reads %s (fms-hf-tuning's record form): not saved with "
+                    "the tokenizer, since inference passes a list of messages; give "
+                    "`fmtune generate --chat --chat_template` a list-form template",
+                    ", ".join(f"messages[{k!r}]" for k in record_keys(template)))
+        return
+    tokenizer.chat_template = template
+    name = chat_templates.name_of(template)
+    vocab = tokenizer.get_vocab()
+    missing = [m for m in chat_templates.MARKERS.get(name, ()) if m not in vocab]
+    log.info("the chat template%s is saved with the tokenizer", f" {name!r}" if name else "")
+    if missing:
+        log.warning("chat template %r: %s %s not in the tokenizer's vocabulary, so %s trained "
+                    "as ordinary text pieces; add them with --add_special_tokens %s", name,
+                    ", ".join(missing), "is" if len(missing) == 1 else "are",
+                    "it is" if len(missing) == 1 else "they are", " ".join(missing))
 
 
 @hookimpl

@@ -17,7 +17,7 @@ import yaml
 
 from fmtune.config import load_yaml_text, suggest
 
-from .chat import CHAT_HANDLERS, require_template
+from .chat import CHAT_HANDLERS, configured_template, require_template
 from .handlers import Registry
 from .loading import DataError, load_paths, split_paths
 
@@ -107,23 +107,37 @@ def _chat_template(proc: dict, path: str, base: str) -> str | None:
     given = [k for k in CHAT_TEMPLATE_KEYS if proc.get(k) is not None]
     if len(given) > 1:
         raise DataError(f"{path}: dataprocessor: {' and '.join(given)} are exclusive; give one")
-    if not given or given[0] == "chat_template":
-        return proc.get("chat_template")
-    if given[0] == "chat_template_base64":
+    from fmtune import chat_templates
+    from fmtune.config import ConfigError
+
+    if not given:
+        return None
+    key = given[0]
+    if key == "chat_template":  # a built-in name, a file or the text, as --chat_template
+        try:
+            return chat_templates.resolve(proc["chat_template"], f"dataprocessor.{key}", base)
+        except ConfigError as e:
+            raise DataError(f"{path}: {e}") from None
+    if key == "chat_template_base64":
         import base64
         import binascii
 
         try:
-            return base64.b64decode(proc["chat_template_base64"], validate=True).decode("utf-8")
+            text = base64.b64decode(proc["chat_template_base64"], validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError) as e:
             raise DataError(f"{path}: dataprocessor.chat_template_base64: not base64 of UTF-8 "
                             f"text ({e})") from None
-    name = os.path.expanduser(os.path.expandvars(proc["chat_template_path"]))
-    found = name if os.path.isabs(name) or os.path.isfile(name) else os.path.join(base, name)
-    if not os.path.isfile(found):
-        raise DataError(f"{path}: dataprocessor.chat_template_path: {name}: file not found")
-    with open(found, encoding="utf-8") as f:
-        return f.read()
+    else:
+        name = os.path.expanduser(os.path.expandvars(proc["chat_template_path"]))
+        found = name if os.path.isabs(name) or os.path.isfile(name) else os.path.join(base, name)
+        if not os.path.isfile(found):
+            raise DataError(f"{path}: dataprocessor.chat_template_path: {name}: file not found")
+        with open(found, encoding="utf-8") as f:
+            text = f.read()
+    why = chat_templates.problem(text)
+    if why:
+        raise DataError(f"{path}: dataprocessor.{key}: {why}")
+    return text
 
 
 def _check_sampling(specs: list[DatasetSpec], path: str) -> None:
@@ -256,9 +270,14 @@ class Prepared:
     train: Any
     validation: Any
     counts: dict[str, dict[str, int]]
+    # the chat templates given to handlers (--chat_template, dataprocessor's, a handler's
+    # fn_kwargs), distinct, in order; the tokenizer's own is not listed
+    chat_templates: list[str] = field(default_factory=list)
 
 
-def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_template, where: str):
+def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_template, where: str,
+               used: list[str] | None = None):
+    """Run one handler step; a chat template given to it is appended to ``used``."""
     handler = registry.get(step.name, where)
     kwargs = dict(step.fn_kwargs)
     if handler.accepts("tokenizer"):
@@ -269,6 +288,8 @@ def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_templ
         kwargs.setdefault("chat_template", chat_template)
     if step.name in CHAT_HANDLERS:  # before any record is read, with the dataset's name
         require_template(tokenizer, kwargs.get("chat_template"), f"{where} ({step.name})")
+    if used is not None and kwargs.get("chat_template") and kwargs["chat_template"] not in used:
+        used.append(kwargs["chat_template"])
     batched = step.batched or handler.batch_only
     if handler.kind != "map" and step.remove_columns is not None:
         log.warning("%s: remove_columns does not apply to %s (a %s handler); ignored, as "
@@ -414,24 +435,25 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
     """Run the whole pipeline; returns train/validation datasets and status counts."""
     from datasets import concatenate_datasets, interleave_datasets
 
+    given = configured_template(config)
     if dc is None:
         dc = DataConfig([DatasetSpec("training_data", split_paths(config.training_data_path))],
-                        seed=config.seed, chat_template=config.chat_template)
-    chat_template = config.chat_template or dc.chat_template
+                        seed=config.seed, chat_template=given)
+    chat_template = given or dc.chat_template
     for spec in dc.datasets:  # a data_config's chat handlers: checked before any data loads
         for k, step in enumerate(spec.steps):
             if step.name in CHAT_HANDLERS:
                 require_template(tokenizer, step.fn_kwargs.get("chat_template") or chat_template,
                                  f"{dc.source}: datasets[{spec.name}].data_handlers[{k}] "
                                  f"({step.name})")
-    valids, counts = [], {"train": {}, "validation": {}}
+    valids, counts, used = [], {"train": {}, "validation": {}}, []
 
     def run_steps(spec: DatasetSpec, ds):
         flags = dc.source == "flags"
         steps = steps_from_flags(config, columns(ds)) if flags else spec.steps
         for k, step in enumerate(steps):
             ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
-                            f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]")
+                            f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]", used)
         if not flags and "input_ids" not in columns(ds):
             # fms-hf-tuning's chain: handlers that only format text, then the trainer
             # tokenizes dataset_text_field (with response/instruction templates)
@@ -444,7 +466,7 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
                      spec.name, ", ".join(s.name for s in more))
             for k, step in enumerate(more):
                 ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
-                                f"{dc.source}: datasets[{spec.name}]: {step.name}")
+                                f"{dc.source}: datasets[{spec.name}]: {step.name}", used)
         return ds
 
     train_parts = []
@@ -483,4 +505,4 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         if c.get("truncated"):
             log.warning("%s data: %d examples truncated to max_seq_length=%d", split,
                         c["truncated"], config.max_seq_length)
-    return Prepared(train, validation, counts)
+    return Prepared(train, validation, counts, used)
