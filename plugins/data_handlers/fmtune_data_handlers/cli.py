@@ -80,6 +80,25 @@ def _counts_line(counts: dict[str, int]) -> str:
     return ", ".join(parts)
 
 
+def _remove_stale_temporaries(out: str) -> None:
+    """The ``.preprocess-PID-*`` folders a killed ``fmtune preprocess`` left in ``out`` (its
+    process is gone); those of a live process are left alone."""
+    for name in os.listdir(out):
+        parts = name.split("-")
+        if not (name.startswith(".preprocess-") and len(parts) >= 3 and parts[1].isdigit()):
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        print(f"removed {os.path.join(out, name)}, left by a preprocess that was killed",
+              file=sys.stderr)
+
+
 def preprocess(argv: list[str]) -> int:
     """fmtune preprocess [train options]: write tokenized parquet for `fmtune train`."""
     ready = _setup(argv, "fmtune preprocess")
@@ -88,7 +107,8 @@ def preprocess(argv: list[str]) -> int:
     config, tokenizer, prepared = ready
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".preprocess-", dir=out)
+    _remove_stale_temporaries(out)
+    tmp = tempfile.mkdtemp(prefix=f".preprocess-{os.getpid()}-", dir=out)
     try:
         written = {}
         for split, ds in (("train", prepared.train), ("validation", prepared.validation)):

@@ -52,6 +52,25 @@ def test_preprocess_writes_parquet_and_train_reads_it_back(tmp_path, chat_model_
     assert summary["train_tokens"] == 6 * len(row["input_ids"])
 
 
+def test_preprocess_removes_what_a_killed_preprocess_left(tmp_path, chat_model_dir, chat_data):
+    """kill -9 during `fmtune preprocess` leaves its .preprocess-PID-* folder; the next
+    preprocess into the folder removes it (its process is gone) and keeps a live one's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "pre"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".preprocess-{dead.pid}-abc" / "train_dataset").mkdir(parents=True)
+    live = out / f".preprocess-{os.getpid()}-xyz"
+    live.mkdir()
+    res = run_cli(["preprocess", "--model_name_or_path", chat_model_dir, "--output_dir", str(out),
+                   "--training_data_path", chat_data])
+    assert res.exit_code == 0, res.stderr
+    assert sorted(os.listdir(out)) == [live.name, "train_dataset"]
+    assert "left by a preprocess that was killed" in res.stderr
+
+
 def test_preview_marks_trained_tokens_and_counts(tmp_path, chat_model_dir, chat_data):
     tok = AutoTokenizer.from_pretrained(chat_model_dir)
     n = len(tok(tok.apply_chat_template(CONV, tokenize=False), add_special_tokens=False)["input_ids"])
