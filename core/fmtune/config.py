@@ -7,6 +7,7 @@ Unknown names are errors with a did-you-mean hint. No torch here.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import re
@@ -92,6 +93,17 @@ class Option:
         return {bool: "true/false", list: "a list (space- or comma-separated on the CLI)",
                 dict: "a mapping (JSON on the CLI)", int: "an integer",
                 float: "a number", str: "a string"}[self.type]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` for ``fmtune`` sub-commands: a usage error is a
+    :class:`ConfigError` (``fmtune: error: merge: argument --dtype: invalid choice ...``, one
+    line, exit 2) instead of argparse's usage text and its own ``fmtune merge: error:`` line."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("fmtune").strip()
+        raise ConfigError(f"{command + ': ' if command else ''}{' '.join(message.split())} "
+                          f"(see {self.prog} --help)")
 
 
 def parse_bool(value: Any) -> bool:
@@ -299,8 +311,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
+    raw = p.read_bytes()
     try:
-        data = load_yaml_text(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line} not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start}); convert the file to UTF-8") from None
+    try:
+        data = load_yaml_text(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -309,6 +328,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of option: value")
+    plugins = data.get("plugins")
+    if plugins is not None and not (isinstance(plugins, str) or (
+            isinstance(plugins, list) and all(isinstance(n, str) for n in plugins))):
+        raise ConfigError(f"{path}: plugins must be a string (a,b) or a list of plugin names, "
+                          f"got {plugins!r}")
     return data
 
 

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename. A ``path`` that is a
+    folder is a :class:`~fmtune.config.ConfigError` (nothing written); the temporary file does
+    not outlive a failed write."""
+    if os.path.isdir(path):
+        from .config import ConfigError
+
+        raise ConfigError(f"{path}: is a folder; give the path of a file to write")
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path: str, data: Any, **dump_kwargs: Any) -> None:
@@ -24,7 +36,9 @@ def folder_problem(path: str) -> str | None:
     """Why a run cannot write into the folder ``path`` (creating it if needed), checked without
     writing anything; None when it can. The reason reads after ``"{path}: "``."""
     if os.path.exists(path):
-        return None if os.path.isdir(path) else "exists and is not a folder"
+        if not os.path.isdir(path):
+            return "exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "the folder is not writable"
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -104,8 +104,14 @@ def read_prompts(path: str) -> list[str]:
     """
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: text file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start}); convert the file to UTF-8") from None
 
     def one(item: Any, where: str) -> str:
         if isinstance(item, dict):
@@ -150,9 +156,49 @@ def render_chat(tokenizer: Any, texts: list[str], chat_template: str | None = No
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"--chat: the tokenizer of {model_path} has no chat template; pass "
                           "--chat_template")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                          add_generation_prompt=True, chat_template=chat_template)
-            for t in texts]
+    what = "--chat_template" if chat_template is not None else f"the chat template of {model_path}"
+    why = chat_template_problem(chat_template) if chat_template is not None else None
+    if why:
+        raise ConfigError(f"{what}: {why}")
+    out = []
+    for i, text in enumerate(texts, 1):
+        try:
+            out.append(tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+                chat_template=chat_template))
+        except Exception as e:  # noqa: BLE001 - jinja2's errors, and what templates raise
+            raise ConfigError(f"{what}: prompt {i}: {template_error(e)}") from None
+    return out
+
+
+def chat_template_problem(template: str) -> str | None:
+    """Why the Jinja chat ``template`` cannot be compiled (transformers' sandboxed environment,
+    as ``apply_chat_template`` compiles it), or None. Cheap: no torch, no rendering."""
+    if not isinstance(template, str):
+        return f"must be a string, got {type(template).__name__}"
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except Exception as e:  # noqa: BLE001 - TemplateSyntaxError, or an import problem
+        return template_error(e)
+    return None
+
+
+def template_error(error: BaseException) -> str:
+    """One line for an error Jinja raised compiling or rendering a chat template."""
+    import jinja2
+
+    first = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return f"invalid Jinja (line {error.lineno}): {first}"
+    if isinstance(error, jinja2.exceptions.SecurityError):
+        return f"refused by the Jinja sandbox: {first}"
+    if isinstance(error, jinja2.UndefinedError):
+        return f"undefined name: {first}"
+    if isinstance(error, jinja2.TemplateError):
+        return f"the template raised an error: {first}"
+    return f"{type(error).__name__}: {first}"
 
 
 def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int = 64,
@@ -162,6 +208,8 @@ def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int =
     ``add_special_tokens=False`` for texts rendered by a chat template (which has its own)."""
     import torch
 
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     outputs = []
     device = next(model.parameters()).device
     for text in texts:
@@ -176,7 +224,28 @@ def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int =
 
 
 def exact_match(model: Any, tokenizer: Any, records: list[dict], max_new_tokens: int = 64):
-    """Fraction of ``{"input", "output"}`` records whose greedy output equals ``output``."""
+    """Fraction of ``{"input", "output"}`` records whose greedy output equals ``output``;
+    a record without string ``input`` and ``output`` is a :class:`ConfigError` naming it (before
+    anything is generated)."""
+    check_records(records, getattr(records, "path", None))
     preds = generate(model, tokenizer, [r["input"] for r in records], max_new_tokens)
     hits = [p.strip() == str(r["output"]).strip() for p, r in zip(preds, records)]
     return sum(hits) / len(records), preds
+
+
+def check_records(records: list[dict], path: str | None = None) -> None:
+    """Every record has string ``input`` and ``output`` fields (what ``evaluate`` compares);
+    otherwise a one-line :class:`ConfigError` naming the record (line) and the field."""
+    from .default_plugins.data import record_where
+
+    for i, rec in enumerate(records):
+        for name in ("input", "output"):
+            if isinstance(rec.get(name), str):
+                continue
+            where = record_where(path or "data", rec, i)
+            if name in rec:
+                raise ConfigError(f"{where}: field {name!r} must be a string, got "
+                                  f"{type(rec[name]).__name__}")
+            hint = " (a chat record: evaluate compares input/output records)" if any(
+                isinstance(v, list) for v in rec.values()) else ""
+            raise ConfigError(f"{where}: missing field {name!r}{hint}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import re
 
@@ -205,7 +207,126 @@ def _problems_for(config):
     if rfc not in ("auto", "true", "false", "none") and not os.path.isdir(config.resume_from_checkpoint):
         problems.append(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a folder "
                         "(use auto, false, or a checkpoint path)")
+    elif rfc not in ("auto", "true", "false", "none"):
+        from fmtune.pipeline import checkpoint_problem
+
+        why = checkpoint_problem(config.resume_from_checkpoint)
+        if why:
+            problems.append(f"resume_from_checkpoint: {config.resume_from_checkpoint} is not a "
+                            f"checkpoint ({why}); give a checkpoint-N folder a run saved, or "
+                            "auto, or false")
+    problems.extend(_number_problems(config))
+    problems.extend(_choice_problems(config))
     return problems
+
+
+def _finite(low: float, high: float = math.inf):
+    """A test that a number lies in [low, high) (NaN never does)."""
+    return lambda v: low <= v < high
+
+
+# options transformers (or torch, or the tokenizer trainer) would refuse with a traceback after
+# the run started, or take silently with another meaning: name -> (test, what it must be)
+NUMBER_RULES = {
+    "seed": (_finite(0, 2**32), "an integer in [0, 2**32 - 1]"),
+    "data_seed": (_finite(0, 2**32), "an integer in [0, 2**32 - 1]"),
+    "warmup_steps": (_finite(0), ">= 0"),
+    "weight_decay": (_finite(0), "a finite number >= 0"),
+    "max_grad_norm": (_finite(0), "a finite number >= 0 (0: no clipping)"),
+    "adam_beta1": (_finite(0, 1), "in [0, 1)"),
+    "adam_beta2": (_finite(0, 1), "in [0, 1)"),
+    "adam_epsilon": (_finite(0), "a finite number >= 0"),
+    "label_smoothing_factor": (_finite(0, 1), "in [0, 1)"),
+    "save_total_limit": (_finite(1), ">= 1 (unset: keep every checkpoint; --save_strategy no "
+                                     "writes none)"),
+    "dataloader_num_workers": (_finite(0), ">= 0"),
+    "eval_accumulation_steps": (_finite(1), ">= 1"),
+    "per_device_eval_batch_size": (_finite(1), ">= 1"),
+    "max_per_device_train_batch_size": (_finite(1), ">= 1"),
+    "embedding_size_multiple_of": (_finite(1), ">= 1"),
+    "tokenizer_vocab_size": (_finite(258), "at least 258 (the 256 byte symbols, eos and pad)"),
+}
+
+
+def _number_problems(config) -> list[str]:
+    problems = []
+    for name, (ok, what) in NUMBER_RULES.items():
+        value = config.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            problems.append(f"{name} must be {what}, got {value}")
+    return problems
+
+
+def _choice_problems(config) -> list[str]:
+    """Values transformers checks only when the trainer is built; checked here, before anything
+    loads, against the installed transformers' own lists."""
+    from fmtune.config import suggest
+
+    problems = []
+    optimizers = _training_choices("optim")
+    if optimizers and config.get("optim") and config.optim not in optimizers:
+        problems.append(f"optim {config.optim!r} is not an optimizer of the installed "
+                        f"transformers{suggest(config.optim, optimizers)}; one of "
+                        f"{', '.join(optimizers)}")
+    integrations = _report_integrations()
+    wanted = config.get("report_to")
+    names = [] if wanted is None else [wanted] if isinstance(wanted, str) else list(wanted)
+    names = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
+    if integrations:
+        for name in names:
+            if name not in integrations and name not in ("all", "none"):
+                problems.append(f"report_to {name!r} is not a reporting integration of the "
+                                f"installed transformers{suggest(name, integrations)}; one of "
+                                f"all, none, {', '.join(integrations)} (fmtune's own trackers "
+                                "are --trackers)")
+    problems.extend(_peft_method_problems(config))
+    return problems
+
+
+def _training_choices(name: str) -> list[str]:
+    from fmtune import training_options
+
+    for row in training_options.table():
+        if row["name"] == name:
+            return [str(c) for c in row["choices"] or []]
+    return []
+
+
+@functools.cache
+def _report_integrations() -> tuple[str, ...]:
+    """transformers' ``INTEGRATION_TO_CALLBACK`` keys (what ``report_to`` accepts besides all and
+    none), read from its source: importing the module imports torch. Empty (no check) when it
+    cannot be read."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    source = os.path.join(list(spec.submodule_search_locations)[0], "integrations",
+                          "integration_utils.py")
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return ()
+    found = re.search(r"^INTEGRATION_TO_CALLBACK\s*=\s*\{(.*?)^\}", text, re.S | re.M)
+    return tuple(re.findall(r'^\s*"([\w.-]+)"\s*:', found.group(1), re.M)) if found else ()
+
+
+def _peft_method_problems(config) -> list[str]:
+    """``peft_method`` while no PEFT plugin is active (the core's own option): a value that no
+    installed plugin implements would otherwise train in full, silently."""
+    from fmtune.plugins import implications
+
+    value = config.get("peft_method")
+    if value in (None, "", "none"):
+        return []
+    owners = {spec.plugin: spec.value for spec in implications() if spec.option == "peft_method"}
+    if any(plugin in config.plugins for plugin in owners):
+        return []  # the active PEFT plugin owns the option and checks it
+    known = sorted({v for v in owners.values() if v})
+    return [f"peft_method {value!r}: no installed plugin provides it (installed PEFT methods: "
+            f"{', '.join(known) or 'none'}; none is full fine-tuning)"]
 
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv")
@@ -216,11 +337,15 @@ def _path_problems(config) -> list[str]:
     problems = []
     from fmtune.files import folder_problem
 
+    refused = None
     for name in ("output_dir", "save_model_dir"):
         path = config.get(name)
         why = folder_problem(path) if path and path != os.devnull else None  # previews: devnull
+        if why and refused and os.path.abspath(path).startswith(refused + os.sep):
+            continue  # inside the output_dir just refused: that problem says it
         if why:
             problems.append(f"{name} {path}: {why}")
+            refused = os.path.abspath(path)
     from fmtune.hub import looks_local
 
     model = config.model_name_or_path

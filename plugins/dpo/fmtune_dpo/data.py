@@ -101,7 +101,25 @@ def _completion_ids(tokenizer, prompt_ids: list[int], full_ids: list[int], compl
 
 def tokenize_record(tokenizer, chat: bool, values: dict[str, Any], chat_template: str | None,
                     where: str) -> dict[str, list[int]]:
-    """TRL's ``prompt_ids``/``chosen_ids``/``rejected_ids`` for one parsed record."""
+    """TRL's ``prompt_ids``/``chosen_ids``/``rejected_ids`` for one parsed record; an error the
+    chat template raises for it is a :class:`DataError` naming the record."""
+    try:
+        return _tokenize_record(tokenizer, chat, values, chat_template, where)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - jinja2's errors, and what templates raise
+        import jinja2
+
+        if not isinstance(e, jinja2.TemplateError):
+            raise
+        from fmtune.inference import template_error
+
+        what = "--chat_template" if chat_template is not None else "the tokenizer's chat template"
+        raise DataError(f"{where}: {what}: {template_error(e)}") from None
+
+
+def _tokenize_record(tokenizer, chat: bool, values: dict[str, Any], chat_template: str | None,
+                     where: str) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     if chat:
         if chat_template is None and not getattr(tokenizer, "chat_template", None):

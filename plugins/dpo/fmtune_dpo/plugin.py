@@ -68,6 +68,17 @@ def validate_config(config):
                             f"{len(config.loss_type or [])} loss_type values")
     if config.beta <= 0:
         problems.append(f"beta must be > 0, got {config.beta}")
+    elif not config.beta < float("inf"):  # nan, inf
+        problems.append(f"beta must be a finite number > 0, got {config.beta}")
+    if not 0 <= config.label_smoothing <= 0.5:
+        problems.append(f"label_smoothing must be in [0, 0.5] (the probability that a preference "
+                        f"label is flipped), got {config.label_smoothing}")
+    if config.get("chat_template") is not None:
+        from fmtune.inference import chat_template_problem
+
+        why = chat_template_problem(config.chat_template)
+        if why:
+            problems.append(f"chat_template: {why}")
     if "exo_pair" in (config.loss_type or []) and config.label_smoothing <= 0:
         problems.append("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
     if "robust" in (config.loss_type or []) and not 0 <= config.label_smoothing < 0.5:

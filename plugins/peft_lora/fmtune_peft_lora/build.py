@@ -104,6 +104,24 @@ def check_modules_to_save(model, names: list[str] | None) -> None:
                           f"{type(model).__name__}; its modules are: {', '.join(tops)}")
 
 
+def check_layers(model, config) -> None:
+    """``layers_to_transform`` indices exist in the model (without layers_pattern: its
+    ``num_hidden_layers``); peft would only say that no target module was found."""
+    wanted = config.get("layers_to_transform")
+    if not wanted or config.get("layers_pattern"):
+        return
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(count, int):
+        return
+    try:
+        missing = [int(v) for v in wanted if int(v) >= count]
+    except ValueError:
+        return  # reported by the option checks
+    if missing:
+        raise ConfigError(f"layers_to_transform: {type(model).__name__} has {count} layers "
+                          f"(0-{count - 1}); no layer {', '.join(map(str, missing))}")
+
+
 def meta_model(config):
     """The model's structure without weights (for checks before loading), or None."""
     path = config.model_name_or_path
@@ -134,7 +152,8 @@ def structure_problems(config) -> list[str]:
         return []
     out = []
     for check in (lambda: resolve_target_modules(model, config.target_modules),
-                  lambda: check_modules_to_save(model, config.modules_to_save)):
+                  lambda: check_modules_to_save(model, config.modules_to_save),
+                  lambda: check_layers(model, config)):
         try:
             check()
         except ConfigError as e:

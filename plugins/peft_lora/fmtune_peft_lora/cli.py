@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from fmtune.config import ConfigError, parse_bool
+from fmtune.config import CommandParser, ConfigError, parse_bool
 
 
 def merge(argv: list[str]) -> int:
     """fmtune merge [BASE] ADAPTER OUT: the base with the LoRA adapter merged in, HF format."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fmtune merge", usage="fmtune merge [--dtype DTYPE] [BASE] ADAPTER OUT",
         description="Merge a LoRA adapter into its base model and save the full model (and the "
                     "adapter's tokenizer) in Hugging Face format, loadable with "
@@ -51,7 +50,7 @@ def merge(argv: list[str]) -> int:
 
 def export_vllm(argv: list[str]) -> int:
     """fmtune export-vllm ADAPTER OUT: the adapter in the layout vLLM's LoRA loader takes."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fmtune export-vllm",
         description="Write a LoRA adapter the way vLLM loads it: only LoRA matrices in "
                     "adapter_model.safetensors, the embeddings of tokens added in training in "

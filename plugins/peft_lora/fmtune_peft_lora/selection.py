@@ -85,8 +85,21 @@ def _lora_problems(config, sel: Selection) -> list[str]:
     problems = []
     if config.r < 1:
         problems.append(f"r must be >= 1, got {config.r}")
-    if config.lora_alpha <= 0:
-        problems.append(f"lora_alpha must be > 0, got {config.lora_alpha}")
+    if not 0 < config.lora_alpha < float("inf"):
+        problems.append(f"lora_alpha must be > 0 (and finite), got {config.lora_alpha}")
+    for name in ("target_modules", "modules_to_save", "exclude_modules", "layers_pattern"):
+        if explicitly_set(config, name) and config.get(name) is not None and not config.get(name):
+            problems.append(f"{name} is empty: give module names"
+                            + (", or all-linear (unset: peft's default for the architecture)"
+                               if name == "target_modules" else " (or leave it unset)"))
+    layers = config.get("layers_to_transform") or []
+    bad = [v for v in layers if not str(v).strip().isdigit()]
+    if bad:
+        problems.append(f"layers_to_transform: {', '.join(map(repr, bad))} "
+                        f"{'is not a layer index' if len(bad) == 1 else 'are not layer indices'} "
+                        "(integers >= 0)")
+    if config.get("layers_pattern") and not layers:
+        problems.append("layers_pattern needs layers_to_transform (the layer indices to adapt)")
     if not 0 <= config.lora_dropout < 1:
         problems.append(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
     init = str(config.init_lora_weights).strip().lower()
