@@ -53,42 +53,23 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
-def hub_id_problem(name: str, cache_dir: str | None = None) -> str | None:
-    """Why the hub id ``name`` cannot be loaded, found in a second without retries, or None.
-    Checked before anything heavy: an id in the local Hugging Face cache is fine; otherwise
-    the hub must be reachable (one DNS lookup and TCP connect to the endpoint, 5 s at most;
-    huggingface_hub would retry for minutes), and with ``HF_HUB_OFFLINE`` set it is not
-    tried at all. Local folders and paths are not this function's business (None)."""
-    if not name or os.path.exists(name) or looks_local(name):
-        return None
-    return _cached_or(name, cache_dir)
-
-
-def _cached_or(name: str, cache_dir: str | None) -> str | None:
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    for filename in ("config.json", "tokenizer_config.json", "adapter_config.json"):
-        try:
-            hit = try_to_load_from_cache(name, filename, cache_dir=cache_dir)
-        except Exception:  # noqa: BLE001 - an id the cache cannot even spell: let the loader say
-            return None
-        if isinstance(hit, str):
-            return None
-    if constants.HF_HUB_OFFLINE:
-        return "not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (one DNS lookup and TCP connect to
+    the endpoint, 5 s at most), or None. Asked before a download: huggingface_hub itself
+    retries for about a minute before giving up on a machine without network."""
     import socket
     from urllib.parse import urlparse
 
+    from huggingface_hub import constants
+
     url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https"
-                                                              else 80)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=5):
             return None
     except OSError as e:
-        return (f"not a local folder, not in the Hugging Face cache, and {host} cannot be "
-                f"reached ({e.strerror or e}); give a local path, or download it on a machine "
-                "with network")
+        return f"{host} cannot be reached ({e.strerror or e})"
 
 
 def from_pretrained(loader: Callable[..., Any], path: str, what: str, *,
@@ -124,6 +105,11 @@ def from_pretrained(loader: Callable[..., Any], path: str, what: str, *,
             f"{what} {path}: not a local folder and not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); HF_HUB_OFFLINE is set, so "
             "nothing is downloaded. Give a local path or download it first.")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ConfigError(
+            f"{what} {path}: not a local folder, not in the Hugging Face cache, and "
+            f"{unreachable}. Give a local path, or download it on a machine with network.")
     try:
         return loader(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - network errors come in many types

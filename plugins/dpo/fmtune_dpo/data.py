@@ -161,7 +161,9 @@ def build_preference_dataset(config, tokenizer, path: str):
     records = read_records(path)
     counts = Counts()
     max_len = config.max_seq_length
-    chat_template = config.get("chat_template")
+    from fmtune.chat_templates import resolve
+
+    chat_template = resolve(config.get("chat_template"))
     columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for i, rec in enumerate(records):
         where = record_where(path, rec, i)
@@ -191,6 +193,8 @@ def build_preference_dataset(config, tokenizer, path: str):
     if not counts.kept:
         raise DataError(f"{path}: no usable preference records ({counts.line()})")
     log.info("%s: %d preference pairs", path, counts.kept)
+    if chat_template is not None and tokenizer.chat_template != chat_template:
+        tokenizer.chat_template = chat_template  # saved with the model: generate --chat uses it
     return Dataset.from_dict(columns), counts
 
 

@@ -35,7 +35,8 @@ def add_options(register):
     register("label_smoothing", float, 0.0, "Label smoothing for the robust and exo_pair losses.")
     register("precompute_ref_log_probs", bool, False, "Compute the reference log-probabilities "
              "once before training (no reference model kept in memory).")
-    register("chat_template", str, None, "Jinja chat template for chat-message records "
+    register("chat_template", str, None, "Chat template for chat-message records: a built-in "
+             "name (chatml, llama3, granite, gemma, mistral), a file or the Jinja text "
              "(default: the tokenizer's).", shared=True)
 
 
@@ -74,11 +75,13 @@ def validate_config(config):
         problems.append(f"label_smoothing must be in [0, 0.5] (the probability that a preference "
                         f"label is flipped), got {config.label_smoothing}")
     if config.get("chat_template") is not None:
-        from fmtune.inference import chat_template_problem
+        from fmtune.chat_templates import resolve
+        from fmtune.config import ConfigError
 
-        why = chat_template_problem(config.chat_template)
-        if why:
-            problems.append(f"chat_template: {why}")
+        try:  # a built-in name, a file or the text; compiled
+            resolve(config.chat_template)
+        except ConfigError as e:
+            problems.append(str(e))
     if "exo_pair" in (config.loss_type or []) and config.label_smoothing <= 0:
         problems.append("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
     if "robust" in (config.loss_type or []) and not 0 <= config.label_smoothing < 0.5:
