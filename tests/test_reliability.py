@@ -679,12 +679,9 @@ case(G, "gen-adapter-base-missing", "an adapter whose base model is gone",
                                                  base_model_name_or_path=str(w.tmp / "base")),
                 "--text", "hi"], "tokenizer <tmp>/base: no such folder")
 case(G, "gen-max-new-tokens-type", "--max_new_tokens x",
-     lambda w: generate(w, "--max_new_tokens", "x"), "max_new_tokens",
-     known_failure="argparse's own two lines (usage, 'fmtune generate: error: ...'), no "
-     "'fmtune: error:' line (core/fmtune/cli.py)")
+     lambda w: generate(w, "--max_new_tokens", "x"), "max_new_tokens")
 case(G, "gen-text-and-file", "--text and --text_file together",
-     lambda w: generate(w, "--text_file", w.good), "--text_file",
-     known_failure="argparse's own two lines, no 'fmtune: error:' line (core/fmtune/cli.py)")
+     lambda w: generate(w, "--text_file", w.good), "--text_file")
 
 G = "fmtune evaluate"
 case(G, "eval-chat-data", "chat records",
@@ -710,8 +707,7 @@ case(G, "eval-config-unknown-key", "--config with a misspelled key",
                                                "lerning_rate: 1\n"), "--data", w.good],
      "unknown option 'lerning_rate' (did you mean 'learning_rate'?)")
 case(G, "eval-unknown-flag", "an unknown flag with --model",
-     lambda w: ["evaluate", "--model", w.model, "--data", w.good, "--bogus", "1"], "--bogus",
-     known_failure="argparse's own two lines, no 'fmtune: error:' line (core/fmtune/cli.py)")
+     lambda w: ["evaluate", "--model", w.model, "--data", w.good, "--bogus", "1"], "--bogus")
 
 G = "fmtune merge / export-vllm"
 case(G, "merge-one-path", "one path", lambda w: ["merge", w.model],
@@ -828,8 +824,7 @@ case(G, "data-unknown-subcommand", "fmtune data with an unknown option",
      lambda w: ["data", "--bogus"], "bogus", known_failure="prints its usage text, no "
      "'fmtune: error:' line (plugins/data_handlers)")
 case(G, "plugins-unknown-flag", "fmtune plugins --bogus", lambda w: ["plugins", "--bogus"],
-     "--bogus", known_failure="argparse's own two lines, no 'fmtune: error:' line "
-     "(core/fmtune/cli.py)")
+     "--bogus")
 case(G, "aim-repo-file", "--aim_repo that is a file",
      lambda w: train(w, "--trackers", "aim", "--aim_repo", w.file("aim", "x")),
      "aim_repo <tmp>/aim: exists and is not a folder")

@@ -15,7 +15,8 @@ import textwrap
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, OptionRegistry, Sources, parse_cli_flags, read_yaml, resolve
+from .config import (CommandParser, ConfigError, OptionRegistry, Sources, parse_cli_flags,
+                     read_yaml, resolve)
 from . import plugins as plugin_mod
 
 log = logging.getLogger("fmtune")
@@ -222,7 +223,7 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_plugins(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fmtune plugins", description="List installed plugins.")
+    parser = CommandParser(prog="fmtune plugins", description="List installed plugins.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     rows = plugin_mod.describe()
@@ -252,7 +253,7 @@ def _trust_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fmtune generate",
         description="Greedy generation from a model or adapter folder. --out_file writes "
                     'fms-hf-tuning\'s inference format: a JSON list of {"input", "output"}.')
@@ -292,7 +293,11 @@ def cmd_generate(argv: list[str]) -> int:
     texts = read_prompts(args.text_file) if args.text_file else args.text
     if args.out_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.out_file))):
         raise ConfigError(f"--out_file {args.out_file}: its folder does not exist")
+    if args.out_file and os.path.isdir(args.out_file):
+        raise ConfigError(f"{args.out_file}: is a folder; give the path of a file to write")
     template = chat_templates.resolve(args.chat_template, "--chat_template")
+    if args.max_new_tokens < 1:  # checked before the model loads
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer = load_for_inference(args.model, args.trust_remote_code,
                                           args.base_model_name_or_path)
     prompts = render_chat(tokenizer, texts, template, args.model) if args.chat else texts
@@ -312,7 +317,7 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fmtune evaluate",
         description="Exact-match accuracy of greedy outputs on {input, output} JSONL records. "
                     "Evaluate a trained folder (--model) or the untrained model a config builds "
@@ -327,7 +332,12 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
     args, rest = parser.parse_known_args(argv)
     from .default_plugins.data import read_records
 
+    from .inference import check_records
+
     records = read_records(args.data)
+    check_records(records, args.data)  # before any model loads
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.model:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -354,7 +364,7 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
 
 
 def cmd_plot(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fmtune plot",
         description="Redraw OUTPUT_DIR/loss.png from OUTPUT_DIR/training_logs.jsonl: training "
                     "and validation loss against step, and the learning rate on a second axis "
