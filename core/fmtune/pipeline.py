@@ -462,7 +462,6 @@ def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
         run.model = wrapped
     collator = _required(pm.hook.build_collator(tokenizer=run.tokenizer, config=config),
                          "build_collator")
-    os.makedirs(config.output_dir, exist_ok=True)
     distributed.prepare_fsdp(run.model)  # FSDP: the decoder layer class to wrap, if unset
     run.trainer = _required(pm.hook.build_trainer(
         model=run.model, tokenizer=run.tokenizer, config=config, train_dataset=train_ds,
@@ -470,6 +469,7 @@ def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
         callbacks=[make_callback(run)]), "build_trainer")
     run.is_main_process = run.trainer.is_world_process_zero()
     run.state = run.trainer.state
+    os.makedirs(config.output_dir, exist_ok=True)  # after every check and the trainer's build
 
     run.resumed_from = rerun.resume_from
     if run.resumed_from:
