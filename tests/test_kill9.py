@@ -1,5 +1,5 @@
-"""kill -9 at 20 points of a run (8 for LoRA) (some while a checkpoint is being written), rerunning the same
-command after each: every rerun resumes from a complete checkpoint (the torn ones are skipped),
+"""kill -9 at 20 points of a full fine-tuning run and 8 of a LoRA run (every third while a
+checkpoint is being written), rerunning the same command after each: every rerun resumes from a complete checkpoint (the torn ones are skipped),
 and the final weights equal those of an uninterrupted run."""
 
 from __future__ import annotations
