@@ -259,6 +259,85 @@ def test_cmd_errors_exit_2_in_one_line(tmp_path, capsys):
     assert main(["plugins"]) == 0  # nothing global broken
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["sft", "CFG", "--bogus"], "sft: unrecognized arguments: --bogus (see fmtune sft --help)"),
+    (["dpo", "CFG", "--logging-levl", "INFO"], "dpo: unrecognized arguments: --logging-levl"),
+    (["sft", "CFG", "--num-preprocess-workers", "many"], "sft: argument "
+     "--num-preprocess-workers: invalid int value: 'many' (see fmtune sft --help)"),
+    (["generate", "CFG", "OUT", "--bogus"], "generate: unrecognized arguments: --bogus"),
+    (["generate", "CFG"], "generate: the following arguments are required: outpath"),
+])
+def test_usage_errors_are_one_fmtune_error_line(tmp_path, argv, message):
+    """Silogen's command lines are parsed by fmtune's CommandParser: one line, exit 2."""
+    from fmtune.testing import run_cli
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(DPO_CONFIG))
+    out = tmp_path / "out.yaml"
+    res = run_cli([str(cfg) if a == "CFG" else str(out) if a == "OUT" else a for a in argv])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"fmtune: error: {message}"), res.stderr
+    assert not [line for line in lines if "usage:" in line or "Traceback" in line]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("path,value,kind,message", [
+    ("training_args.learning_rate", "fast", "sft", "training_args.learning_rate: must be a "
+     "number, got 'fast'"),
+    ("training_args.lr_scheduler_type", "cosin", "sft", "training_args.lr_scheduler_type: must "
+     "be one of linear, cosine"),
+    ("training_args.max_steps", 2.5, "sft", "training_args.max_steps: must be an integer, got "
+     "2.5"),
+    ("training_args.max_length", "long", "dpo", "training_args.max_length: must be an integer, "
+     "got 'long' (fmtune option max_seq_length)"),
+    ("training_args.beta", "high", "dpo", "training_args.beta: must be a number, got 'high'"),
+    ("sft_args.max_seq_length", "long", "sft", "sft_args.max_seq_length: must be an integer, "
+     "got 'long'"),
+    ("batchsize_conf.total_train_batch_size", "big", "sft", "batchsize_conf."
+     "total_train_batch_size: must be an integer, got 'big'"),
+    ("peft_conf.peft_kwargs.r", "four", "sft", "peft_conf.peft_kwargs.r: must be an integer, "
+     "got 'four'"),
+    ("peft_conf.peft_kwargs.use_dora", "maybe", "sft", "peft_conf.peft_kwargs.use_dora: must be "
+     "true/false, got 'maybe'"),
+    ("run_conf.model_args.attn_implementation", "fast", "sft", "run_conf.model_args."
+     "attn_implementation: must be one of eager, sdpa, flash_attention_2; got 'fast'"),
+    ("run_conf.model_args.use_cache", "sometimes", "sft", "run_conf.model_args.use_cache: must "
+     "be true/false, got 'sometimes'"),
+    ("quant_conf.bnb_4bit_quant_type", "nf8", "sft", "quant_conf.bnb_4bit_quant_type: must be "
+     "one of nf4, fp4; got 'nf8'"),
+    ("overrides.lr_multiplier", "double", "sft", "overrides.lr_multiplier: must be a number, "
+     "got 'double'"),
+])
+def test_translated_values_are_checked_as_the_users_keys(path, value, kind, message):
+    """A value of the wrong type (or not a choice) for the fmtune option it becomes names the
+    user's file and the Silogen key, not the translated fmtune_train.yaml."""
+    base = yaml.safe_load(SFT_CONFIG.format(data="train.jsonl", out="/ckpt", model="/base",
+                                            mlruns="file:///tmp/mlruns"))
+    if kind == "dpo":
+        base = DPO_CONFIG
+    with pytest.raises(ConfigError) as e:
+        silogen.translate(_with(path, value, base), kind, "exp/run.yaml")
+    text = str(e.value)
+    assert text.startswith(f"exp/run.yaml: {message}") and "\n" not in text, text
+
+
+def test_cmd_names_the_users_file_for_a_bad_value(tmp_path):
+    """Through the CLI: one line naming the user's file and key, exit 2, nothing written."""
+    from fmtune.testing import run_cli
+
+    out = tmp_path / "out"
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(SFT_CONFIG.format(data=tmp_path / "train.jsonl", out=out, model="/base",
+                                     mlruns=f"file://{tmp_path / 'mlruns'}")
+                   .replace("learning_rate: 1.0e-3", "learning_rate: fast"))
+    res = run_cli(["sft", str(cfg)])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"fmtune: error: {cfg}: training_args.learning_rate: must be a number, got 'fast'")
+    assert "fmtune_train.yaml" not in res.stderr and sorted(os.listdir(tmp_path)) == ["exp.yaml"]
+
+
 def test_print_config_is_the_fmtune_yaml(tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(SFT_CONFIG.format(data="train.jsonl", out="/ckpt", model="/base",
@@ -503,6 +582,44 @@ def test_generate_config_errors_are_one_line_exit_2(tmp_path, fmtune_tiny_model,
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines()[-1].startswith(f"fmtune: error: {cfg}: {message}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"temperature": -1.0, "do_sample": True}, "hf_gen_params.temperature: `temperature` "
+     "(=-1.0) has to be a strictly positive float"),
+    ({"top_k": -3, "do_sample": True}, "hf_gen_params.top_k: `top_k` has to be a strictly "
+     "positive integer, but is -3"),
+    ({"top_p": "most", "do_sample": True}, "hf_gen_params.top_p: must be a number, got 'most'"),
+    ({"repetition_penalty": -2.0}, "hf_gen_params.repetition_penalty: `penalty` has to be a "
+     "strictly positive float"),
+    ({"num_return_sequences": 3}, "hf_gen_params: Greedy methods (do_sample != True) without "
+     "beam search do not support `num_return_sequences` different than 1"),
+    ({"early_stopping": "soon"}, "hf_gen_params: `early_stopping` must be a boolean or 'never'"),
+])
+def test_generation_params_transformers_refuses_are_one_line_before_loading(
+        tmp_path, fmtune_tiny_model, monkeypatch, params, message):
+    """What transformers' GenerationConfig or generate() would refuse with a traceback is one
+    line naming the file and hf_gen_params, before the tokenizer or the model loads."""
+    def no_load(*a, **k):
+        raise AssertionError("loaded something")
+
+    monkeypatch.setattr(silogen, "_load_generation_tokenizer", no_load)
+    monkeypatch.setattr(silogen, "_load_generation_model", no_load)
+    base = json.loads(json.dumps(GEN_BASE).replace("MODEL", fmtune_tiny_model))
+    res, cfg, out = _gen(tmp_path, {**base, "hf_gen_params": params})
+    assert res.exit_code == 2, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"fmtune: error: {cfg}: {message}")
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_generation_params_greedy_ignores_sampling_values():
+    """As in transformers (and Silogen), greedy generation never builds the sampling warpers:
+    ``temperature: 0`` with ``do_sample: false`` (or unset) is accepted."""
+    for params in ({"temperature": 0.0, "do_sample": False}, {"temperature": 0.0},
+                   {"top_p": 0.9, "temperature": 0.7, "do_sample": True}):
+        p = silogen.plan_generate({**GEN_BASE, "hf_gen_params": params}, "gen.yaml",
+                                  silogen.generation_field_names())
+        assert p.hf_gen_params == params
 
 
 def test_generate_data_errors_name_the_record_and_write_nothing(tmp_path, fmtune_tiny_model):

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, parse_bool, read_yaml, suggest
+from .config import CommandParser, ConfigError, OptionRegistry, parse_bool, read_yaml, suggest
 
 log = logging.getLogger("fmtune")
 
@@ -186,11 +186,29 @@ class Plan:
 
 
 class _Ctx:
-    def __init__(self, where: str) -> None:
-        self.where = where
+    """Errors name ``where`` (the user's file) and a dotted key; ``registry`` (fmtune's options,
+    or None) checks each translated value's type where it is translated (:meth:`option`)."""
+
+    def __init__(self, where: str, registry: OptionRegistry | None = None) -> None:
+        self.where, self.registry = where, registry
 
     def error(self, path: str, why: str) -> ConfigError:
         return ConfigError(f"{self.where}: {path}: {why}")
+
+    def option(self, name: str, value: Any, path: str) -> Any:
+        """``value`` (from the Silogen key ``path``) checked as the fmtune option ``name``:
+        a wrong type or choice is an error naming the user's file and ``path``, not the
+        translated YAML. Returns the value converted to the option's type."""
+        opt = self.registry.resolve(name) if self.registry is not None else None
+        if opt is None:
+            return value
+        try:
+            return opt.convert(value, "")
+        except ConfigError as e:
+            why = str(e).removeprefix(": ").removeprefix(f"{opt.name} ")
+            if opt.name != path.rsplit(".", 1)[-1]:
+                why += f" (fmtune option {opt.name})"
+            raise self.error(path, why) from None
 
     def mapping(self, value: Any, path: str, keys: tuple[str, ...] | None = None,
                 required: tuple[str, ...] = ()) -> dict:
@@ -211,6 +229,31 @@ class _Ctx:
     def fixed(self, value: Any, path: str, expected: Any, why: str) -> None:
         if value != expected:
             raise self.error(path, f"{value!r} is not supported: {why}")
+
+
+# the plugins a Silogen config of each kind may activate (see plan)
+KIND_PLUGINS = {"sft": ("data_handlers", "lora", "qlora", "mlflow"),
+                "dpo": ("dpo", "lora", "qlora", "mlflow")}
+
+
+def option_registry(kind: str) -> OptionRegistry:
+    """fmtune's options (core, and those of the installed plugins a ``kind`` config may
+    activate: :data:`KIND_PLUGINS`) to check translated values against; no torch. A plugin that
+    is missing or does not load is left out here (the run reports it)."""
+    from . import plugins as plugin_mod
+
+    def build(names: list[str]) -> OptionRegistry:
+        registry = OptionRegistry()
+        pm = plugin_mod.load(names)
+        for impl in pm.hook.add_options.get_hookimpls():  # core (trylast) first, as cli.py
+            impl.function(registry.register_for(impl.plugin_name))
+        return registry
+
+    available = plugin_mod.installed()
+    try:
+        return build([n for n in KIND_PLUGINS.get(kind, ()) if n in available])
+    except ConfigError:  # a broken plugin: fmtune train says so when the run starts
+        return build([])
 
 
 def _training_option_names() -> set[str]:
@@ -360,6 +403,7 @@ def _training_args(ctx: _Ctx, conf: Any, kind: str, opts: dict, known: set[str],
                                 f"plugin (it has {offered})")
             if key == "loss_type":
                 value = _as_str_list(ctx, value, path)
+            ctx.option(target, value, path)
             out[target] = value
             continue
         if key == "report_to":
@@ -378,6 +422,7 @@ def _training_args(ctx: _Ctx, conf: Any, kind: str, opts: dict, known: set[str],
         if key not in known:
             raise ctx.error(path, f"not a TrainingArguments field of the installed transformers "
                             f"nor an fmtune option{suggest(key, known)}")
+        ctx.option(key, value, path)
         out[key] = value
     logging_dir = ta.get("logging_dir")
     if logging_dir is not None and "tensorboard" in str(out.get("report_to", "")):
@@ -438,6 +483,7 @@ def _peft_quant(ctx: _Ctx, peft: Any, quant: Any, opts: dict, plugins: list[str]
                 value = str(value).lower() if isinstance(value, bool) else str(value)
             elif key in ("target_modules", "modules_to_save"):
                 value = _as_str_list(ctx, value, path)
+            ctx.option(LORA_KWARGS[key], value, path)
             opts[LORA_KWARGS[key]] = value
     else:
         raise ctx.error("peft_conf.peft_type", f"{ptype!r} is not supported: fmtune offers "
@@ -455,8 +501,12 @@ def _peft_quant(ctx: _Ctx, peft: Any, quant: Any, opts: dict, plugins: list[str]
         if eight:
             opts["load_in_8bit"] = True
         else:  # BitsAndBytesConfig's defaults (Silogen's) where fmtune's differ
-            opts["bnb_4bit_quant_type"] = q.get("bnb_4bit_quant_type", "fp4")
-            opts["bnb_4bit_use_double_quant"] = bool(q.get("bnb_4bit_use_double_quant", False))
+            opts["bnb_4bit_quant_type"] = ctx.option(
+                "bnb_4bit_quant_type", q.get("bnb_4bit_quant_type", "fp4"),
+                "quant_conf.bnb_4bit_quant_type")
+            opts["bnb_4bit_use_double_quant"] = bool(ctx.option(
+                "bnb_4bit_use_double_quant", q.get("bnb_4bit_use_double_quant", False),
+                "quant_conf.bnb_4bit_use_double_quant"))
             dtype = q.get("bnb_4bit_compute_dtype") or "float32"
             if dtype not in DTYPES[1:]:
                 raise ctx.error("quant_conf.bnb_4bit_compute_dtype", f"must be one of "
@@ -473,6 +523,8 @@ def _run(ctx: _Ctx, conf: Any, opts: dict) -> str:
               "fmtune loads fast tokenizers")
     resume = rc.get("resume_from_checkpoint", False)
     opts["resume_from_checkpoint"] = str(resume).lower() if isinstance(resume, bool) else resume
+    ctx.option("resume_from_checkpoint", opts["resume_from_checkpoint"],
+               "run_conf.resume_from_checkpoint")
     det = rc.get("determinism", "no")
     if det not in ("no", "half", "full"):
         raise ctx.error("run_conf.determinism", f"must be no, half or full; got {det!r}")
@@ -497,6 +549,7 @@ def _model_args(ctx: _Ctx, conf: Any, path: str, opts: dict, generate: bool = Fa
                 raise ctx.error(kpath, f"must be one of {', '.join(DTYPES)}; got {value!r}")
             opts[MODEL_ARG_OPTIONS[key]] = value
         elif key in MODEL_ARG_OPTIONS:
+            ctx.option(MODEL_ARG_OPTIONS[key], value, kpath)
             opts[MODEL_ARG_OPTIONS[key]] = value
         elif key == "device_map":
             if generate:
@@ -542,7 +595,7 @@ def plan(data: dict[str, Any], kind: str, where: str) -> Plan:
     """Silogen's nested config -> :class:`Plan` (see :func:`translate`)."""
     if kind not in KINDS:
         raise ConfigError(f"{where}: unknown kind {kind!r}; one of {', '.join(KINDS)}")
-    ctx = _Ctx(where)
+    ctx = _Ctx(where, option_registry(kind))
     top = ctx.mapping(data, "", TOP_KEYS + KIND_KEYS[kind],
                       required=("data_conf", "training_args", "batchsize_conf", "peft_conf",
                                 "run_conf"))
@@ -558,7 +611,8 @@ def plan(data: dict[str, Any], kind: str, where: str) -> Plan:
     completions_only = True
     if kind == "sft":
         sft = ctx.mapping(top.get("sft_args"), "sft_args", SFT_KEYS)
-        opts["max_seq_length"] = int(sft.get("max_seq_length", 2048))
+        opts["max_seq_length"] = ctx.option("max_seq_length", sft.get("max_seq_length", 2048),
+                                            "sft_args.max_seq_length")
         handling = sft.get("length_handling", "filter")
         if handling not in ("filter", "truncate"):
             raise ctx.error("sft_args.length_handling", f"must be filter or truncate; got "
@@ -579,7 +633,7 @@ def plan(data: dict[str, Any], kind: str, where: str) -> Plan:
                      required=("total_train_batch_size", "max_per_device_train_batch_size"))
     for key in BATCH_KEYS:
         if bs.get(key) is not None:
-            opts[key] = bs[key]
+            opts[key] = ctx.option(key, bs[key], f"batchsize_conf.{key}")
 
     ta = _training_args(ctx, top["training_args"], kind, opts, _training_option_names(),
                         plugins)
@@ -589,6 +643,12 @@ def plan(data: dict[str, Any], kind: str, where: str) -> Plan:
     if scaling not in ("none", "sqrt", "linear"):
         raise ctx.error("overrides.lr_batch_size_scaling", f"must be none, sqrt or linear; got "
                         f"{scaling!r}")
+    try:
+        if isinstance(mult, bool):
+            raise ValueError
+        mult = float(mult)
+    except (TypeError, ValueError):
+        raise ctx.error("overrides.lr_multiplier", f"must be a number, got {mult!r}") from None
     if mult != 1.0 or scaling != "none":
         lr = float(ta.get("learning_rate", 5e-05)) * float(mult)
         total = float(bs["total_train_batch_size"])
@@ -670,7 +730,7 @@ def print_config(p: Plan, out=None) -> None:
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(  # a usage error is one "fmtune: error:" line, exit 2
         prog=f"fmtune {kind}", description=f"Run a Silogen finetuning {kind.upper()} experiment "
         "config with fmtune (see docs/silogen.md).")
     ap.add_argument("config", help="Path to the experiment's YAML config file.")
@@ -832,6 +892,8 @@ def plan_generate(data: dict[str, Any], where: str,
     if gp.get("max_length", 2048) <= gp.get("max_new_tokens", 512):
         raise ctx.error("hf_gen_params.max_length", "must be larger than max_new_tokens (Silogen "
                         "cuts prompts to max_length - max_new_tokens tokens)")
+    if gen_fields is not None:  # transformers is imported: its own checks, before any load
+        check_generation_params({**GEN_DEFAULTS, **gp}, ctx)
 
     quant = None
     q = ctx.mapping(top.get("quant_conf") if top.get("quant_conf") is not None else
@@ -867,6 +929,58 @@ def plan_generate(data: dict[str, Any], where: str,
                    trust_remote_code=trust, prompt=prompt, hf_gen_params=dict(gp), quant=quant,
                    record={"quant_conf": dict(top.get("quant_conf") or {}),
                            "model_conf": model_rec})
+
+
+# GenerationConfig fields generate() hands to a logits processor or warper that checks its value
+# when it is built (transformers.generation.utils._get_logits_processor): field -> (sampling
+# only, when generate builds it, how). Sampling ones are checked when the file sets do_sample:
+# true (greedy generation never builds them, so Silogen runs e.g. temperature: 0 greedily)
+_GEN_PROCESSORS: dict[str, tuple[bool, Any, Any]] = {
+    "temperature": (True, lambda v: v != 1.0, lambda lp, v: lp.TemperatureLogitsWarper(v)),
+    "top_h": (True, lambda v: True, lambda lp, v: lp.TopHLogitsWarper(top_h=v)),
+    "top_k": (True, lambda v: v != 0, lambda lp, v: lp.TopKLogitsWarper(top_k=v)),
+    "top_p": (True, lambda v: v < 1.0, lambda lp, v: lp.TopPLogitsWarper(top_p=v)),
+    "min_p": (True, lambda v: True, lambda lp, v: lp.MinPLogitsWarper(min_p=v)),
+    "typical_p": (True, lambda v: v < 1.0, lambda lp, v: lp.TypicalLogitsWarper(mass=v)),
+    "epsilon_cutoff": (True, lambda v: 0.0 < v < 1.0, lambda lp, v: lp.EpsilonLogitsWarper(v)),
+    "repetition_penalty": (False, lambda v: v != 1.0,
+                           lambda lp, v: lp.RepetitionPenaltyLogitsProcessor(penalty=v)),
+    "no_repeat_ngram_size": (False, lambda v: v > 0,
+                             lambda lp, v: lp.NoRepeatNGramLogitsProcessor(v)),
+}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return ": ".join(lines[:2]) if lines and lines[0].endswith(":") else \
+        (lines[0] if lines else type(e).__name__)
+
+
+def check_generation_params(params: dict[str, Any], ctx: "_Ctx | str") -> None:
+    """What transformers would refuse in ``hf_gen_params`` (only when generating, with a
+    traceback) refused now, before anything is loaded, in one line naming the file:
+    ``GenerationConfig(**params)`` and its ``validate()`` (errors; its warnings stay
+    warnings, as in Silogen), then the values generate() hands to logits processors that check
+    them (:data:`_GEN_PROCESSORS`). ``ctx``: the file's name (or its :class:`_Ctx`)."""
+    from transformers import GenerationConfig
+    from transformers.generation import logits_process as lp
+
+    ctx = _Ctx(ctx) if isinstance(ctx, str) else ctx
+    try:
+        GenerationConfig(**params).validate()
+    except (ValueError, TypeError) as e:
+        raise ctx.error("hf_gen_params", _first_line(e)) from None
+    for key, (sampling, used, build) in _GEN_PROCESSORS.items():
+        value = params.get(key)
+        if value is None or (sampling and params.get("do_sample") is not True):
+            continue
+        try:
+            if used(value):
+                build(lp, value)
+        except ValueError as e:
+            raise ctx.error(f"hf_gen_params.{key}", _first_line(e)) from None
+        except TypeError:  # a comparison with a string, say
+            raise ctx.error(f"hf_gen_params.{key}", f"must be a number, got {value!r}") from None
 
 
 def _eval_prompts(path: str) -> list[dict[str, Any]]:
@@ -1024,7 +1138,7 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 def cmd_generate(argv: list[str]) -> int:
     """``fmtune generate CONFIG.yaml OUTPUT.yaml``: Silogen's ``generate`` entry point."""
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="fmtune generate", usage="fmtune generate CONFIG.yaml OUTPUT.yaml",
         description="Run a Silogen `generate` config (model_conf, prompt_conf, hf_gen_params, "
         "quant_conf) and write Silogen's output YAML (see docs/silogen.md). `fmtune generate "
