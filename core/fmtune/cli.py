@@ -217,6 +217,11 @@ def _print_summary(s: dict) -> None:
           f"peak RSS {fmt(s['peak_rss_mb'], '.0f')} MB, world size {s['world_size']}")
     print(f"fmtune: model saved to {s['model_saved_to']}; summary in "
           f"{s['output_dir']}/run_summary.json")
+    trackers = s.get("trackers") if isinstance(s.get("trackers"), dict) else {}
+    for name, status in trackers.items():  # a tracker that failed mid-run did not stop it
+        if isinstance(status, dict) and status.get("status") == "failed":
+            print(f"fmtune: tracker {name} failed at step {status.get('at_step')} and was "
+                  f"disabled: {status.get('error')} (the losses are in training_logs.jsonl)")
 
 
 # -------------------------------------------------------------- plugins

@@ -21,22 +21,38 @@ a resume replace their old values). After closing, a local run is indexed so
 that ``aim.Repo(path).get_run(hash)`` sees it at once (``aim up`` would
 otherwise index it when it starts).
 
+Losing the tracker never loses the training (:mod:`fmtune.tracking`): every call into
+aim runs on the tracker's own thread, each bounded by ``aim_timeout_s``. Opening the
+run stays strict (a repository aim cannot open stops the run before its first step, exit
+2), but once training runs, the first aim call that fails or hangs (a repository deleted,
+replaced or made read-only, a remote server gone) disables aim for the rest of the run
+with one warning line; training goes on and completes, the losses stay in
+``training_logs.jsonl`` and ``run_summary.json`` says ``"trackers": {"aim": {"status":
+"failed", "error": ..., "at_step": N}}`` (``{"status": "ok"}`` otherwise). Each call first
+checks that a local repository's ``.aim`` folder is still there and writable, since aim
+itself buffers writes and would only fail at the end. At process exit aim closes whatever
+is still open and waits for it without limit (for ever when a repository vanished); the
+plugin runs that cleanup first, bounded by the same timeout.
+
 Module import is cheap: aim is imported inside the hooks.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
 import os
 import socket
+import threading
 import weakref
 from typing import Any
 
 from fmtune import hookimpl
 from fmtune.files import read_json_object, write_json
 from fmtune.config import ConfigError
+from fmtune.tracking import TrackerError, TrackerGuard
 
 log = logging.getLogger("fmtune")
 
@@ -65,6 +81,10 @@ def add_options(register):
     register("aim_system_tracking_interval", float, 10.0,
              "Seconds between samples of aim's system metrics (CPU, memory, disk, GPU); "
              "0 turns them off.")
+    register("aim_timeout_s", float, 30.0,
+             "Seconds each call into aim may take (opening the run, tracking, closing it); a "
+             "call that fails or takes longer mid-run disables aim for the rest of the run "
+             "(training goes on; run_summary.json says so), one at the start stops the run.")
 
 
 def _unreachable(host: str, port: int) -> str | None:
@@ -118,6 +138,9 @@ def validate_config(config):
     if interval is not None and interval != 0 and not 0.1 <= interval <= 86400:
         problems.append("aim_system_tracking_interval must be 0 (off) or between 0.1 and 86400 "
                         f"seconds, got {interval}")
+    if not 0 < config.aim_timeout_s <= 86400:
+        problems.append(f"aim_timeout_s must be between 0 and 86400 seconds, got "
+                        f"{config.aim_timeout_s}")
     return [p for p in problems if p]
 
 
@@ -145,16 +168,29 @@ def _jsonable(value: Any) -> Any:
 
 
 class _AimTracker:
-    """One open aim run for one fmtune run."""
+    """One open aim run for one fmtune run; every aim call goes through ``self.guard``."""
 
     def __init__(self, run) -> None:
-        from aim import Repo
-        from aim import Run as AimRun
-
         config = run.config
         self.location = _repo_location(config)
         self.remote = self.location.startswith("aim://")
         self.state_path = os.path.join(run.output_dir, STATE_FILE)
+        self.aim_run = None
+        self.guard = TrackerGuard("aim", config.aim_timeout_s)
+        try:
+            self.guard.start(self.open_run, run, step=run.state.global_step)
+        except TrackerError as e:
+            self.guard.finish()
+            if isinstance(e.__cause__, ConfigError):
+                raise e.__cause__ from None
+            raise ConfigError(f"aim: cannot open a run in {self.location}: {e}") from e
+
+    def open_run(self, run) -> None:
+        """Open (or reopen) the aim run; on the guard's thread."""
+        from aim import Repo
+        from aim import Run as AimRun
+
+        config = run.config
         previous = _read_state(self.state_path) if run.resumed_from else None
         interval = config.aim_system_tracking_interval or None
         kwargs: dict[str, Any] = dict(repo=self.location, system_tracking_interval=interval,
@@ -162,18 +198,15 @@ class _AimTracker:
         experiment = config.aim_experiment or config.get("experiment")  # fms-hf-tuning's name
         if experiment:
             kwargs["experiment"] = experiment
-        try:
-            resume_hash = None
-            if previous and previous.get("repo") == self.location:
-                if self.remote or Repo.from_path(self.location).run_exists(previous["run_hash"]):
-                    resume_hash = previous["run_hash"]
-            if previous and resume_hash is None:
-                log.warning("aim: run %s from %s is not in %s; starting a new aim run",
-                            previous["run_hash"], self.state_path, self.location)
-            self.aim_run = AimRun(resume_hash, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any aim failure here is a setup problem
-            raise ConfigError(f"aim: cannot open a run in {self.location}: "
-                              f"{type(e).__name__}: {e}") from e
+        resume_hash = None
+        if previous and previous.get("repo") == self.location:
+            if self.remote or Repo.from_path(self.location).run_exists(previous["run_hash"]):
+                resume_hash = previous["run_hash"]
+        if previous and resume_hash is None:
+            log.warning("aim: run %s from %s is not in %s; starting a new aim run",
+                        previous["run_hash"], self.state_path, self.location)
+        self.aim_run = AimRun(resume_hash, **kwargs)
+        _bound_exit_cleanup(self.guard.timeout_s)
         self.hash = self.aim_run.hash
         self.resumed = resume_hash is not None
 
@@ -193,7 +226,19 @@ class _AimTracker:
         log.info("aim: %s run %s in %s", "continuing" if self.resumed else "tracking to",
                  self.hash, self.location)
 
+    def _check_repo(self) -> None:
+        """aim buffers what it writes and fails only when it flushes (at the end, or at
+        exit): notice a local repository that is gone or read-only at the next call."""
+        if self.remote:
+            return
+        dot_aim = os.path.join(self.location, ".aim")
+        if not os.path.isdir(dot_aim):
+            raise FileNotFoundError(f"the aim repository {dot_aim} is gone")
+        if not os.access(dot_aim, os.W_OK | os.X_OK):
+            raise PermissionError(f"the aim repository {dot_aim} is not writable")
+
     def track(self, logs: dict[str, Any], step: int, epoch: float | None) -> None:
+        self._check_repo()
         for key, value in logs.items():
             if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -202,6 +247,7 @@ class _AimTracker:
                                context={"subset": subset})
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
+        self._check_repo()
         if summary is not None:
             self.aim_run["run_summary"] = _jsonable(summary)
         self.aim_run.close()
@@ -225,13 +271,68 @@ class _AimTracker:
                         self.hash, type(e).__name__, e)
 
 
+    def close_failed(self, error: str) -> None:
+        self._check_repo()
+        self.aim_run["run_error"] = error
+        self.close()
+
+
+# Process-wide, because aim's own cleanup is: at exit, aim closes every run and container
+# still open (aim.ext.cleanup.AutoClean) and waits without limit for that, for ever when one
+# of them raises (a repository deleted under a run). Registered after aim's, ours runs first,
+# bounded by the aim_timeout_s of the latest run.
+_exit_cleanup = {"timeout_s": 30.0, "registered": False}
+# aim runs whose tracker failed, kept from the garbage collector: collecting an aim Run
+# closes it (weakref.finalize) on whatever thread collects, training's included, and that
+# close can hang for ever when the repository is gone. The exit cleanup, bounded, closes them.
+_failed_runs: list[Any] = []
+
+
+def _bound_exit_cleanup(timeout_s: float) -> None:
+    _exit_cleanup["timeout_s"] = timeout_s
+    if not _exit_cleanup["registered"]:
+        _exit_cleanup["registered"] = True
+        atexit.register(_run_exit_cleanup)
+
+
+def _run_exit_cleanup() -> None:
+    """aim's exit cleanup, each step guarded, all of it within the timeout."""
+    try:
+        from aim.ext.cleanup import AutoClean
+    except Exception:  # noqa: BLE001 - nothing to clean then
+        return
+    problems: list[str] = []
+
+    def clean() -> None:
+        # aim's order: higher priority first, equal ones newest first
+        for _key, (_priority, finalizer) in reversed(
+                sorted(list(AutoClean._finalizers.items()), key=lambda kv: kv[1][0])):
+            try:
+                finalizer()
+            except Exception as e:  # noqa: BLE001 - a repository gone: go on with the rest
+                problems.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    worker = threading.Thread(target=clean, name="fmtune-aim-exit", daemon=True)
+    worker.start()
+    worker.join(_exit_cleanup["timeout_s"])
+    AutoClean.stop_signal.set()  # aim's own cleanup then returns at once instead of waiting
+    if worker.is_alive() or problems:
+        why = problems[0] if problems else f"not done in {_exit_cleanup['timeout_s']:g} s"
+        log.warning("aim: could not close everything at exit (%s); left as it is", why)
+
+
+def _finish(tracker: _AimTracker, close, *args: Any, step: int) -> None:
+    if not tracker.guard.finish(close, *args, step=step) and tracker.aim_run is not None:
+        _failed_runs.append(tracker.aim_run)
+
+
 @hookimpl
 def on_train_begin(run):
     if not run.is_main_process:
         return
     stale = _open_runs.pop(run, None)
     if stale is not None:
-        stale.close()
+        _finish(stale, stale.close, step=run.state.global_step)
     _open_runs[run] = _AimTracker(run)
 
 
@@ -241,7 +342,9 @@ def on_log(run, logs):
     if tracker is None:  # not the main process
         return
     epoch = logs.get("epoch", run.state.epoch)
-    tracker.track(logs, run.state.global_step, None if epoch is None else float(epoch))
+    step = run.state.global_step
+    tracker.guard.submit(tracker.track, dict(logs), step, None if epoch is None else float(epoch),
+                         step=step)
 
 
 @hookimpl
@@ -251,7 +354,8 @@ def on_train_end(run, summary):
         return
     summary["aim_run_hash"] = tracker.hash
     summary["aim_repo"] = tracker.location
-    tracker.close(summary)
+    _finish(tracker, tracker.close, dict(summary), step=run.state.global_step)
+    tracker.guard.report(summary)
 
 
 @hookimpl
@@ -259,5 +363,5 @@ def on_train_error(run, error):
     tracker = _open_runs.pop(run, None)
     if tracker is None:
         return
-    tracker.aim_run["run_error"] = f"{type(error).__name__}: {error}"
-    tracker.close()
+    _finish(tracker, tracker.close_failed, f"{type(error).__name__}: {error}",
+            step=run.state.global_step)

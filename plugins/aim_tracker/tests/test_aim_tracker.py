@@ -14,6 +14,7 @@ from importlib import metadata
 
 import pytest
 
+from fmtune import hookimpl
 from fmtune.testing import NotRankZero, run_cli, write_jsonl
 
 RECORDS = [
@@ -167,6 +168,7 @@ def free_port() -> int:
     (["--aim_remote_server_ip", "127.0.0.1"],
      "aim_remote_server_ip and aim_remote_server_port go together: set both"),
     (["--aim_system_tracking_interval", "0.01"], "aim_system_tracking_interval must be 0 (off)"),
+    (["--aim_timeout_s", "0"], "aim_timeout_s must be between 0 and 86400 seconds, got 0.0"),
 ])
 def test_bad_repo_or_server_fails_before_training(tmp_path, flags, message):
     a_file = tmp_path / "a_file"
@@ -180,9 +182,35 @@ def test_bad_repo_or_server_fails_before_training(tmp_path, flags, message):
     assert not out.exists()  # failed before anything was loaded or written
 
 
+def stop_server(server):
+    """Stop an `aim server` and the uvicorn child it starts (its own process group)."""
+    if server.poll() is None or _group_alive(server.pid):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    for _ in range(100):  # the group is gone once no member is left
+        if not _group_alive(server.pid):
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 @pytest.fixture
 def aim_server(tmp_path):
-    """A real `aim server` on a free local port, serving a fresh repository."""
+    """A real `aim server` on a free local port, serving a fresh repository:
+    (repo folder, port, a function that stops the server)."""
     repo_dir = tmp_path / "server_repo"
     repo_dir.mkdir()
     port = free_port()
@@ -204,30 +232,17 @@ def aim_server(tmp_path):
                 time.sleep(0.1)
         else:
             raise RuntimeError("aim server did not start in 60 s")
-        yield repo_dir, port
+        yield repo_dir, port, lambda: stop_server(server)
     finally:
         # `aim server` runs uvicorn in a child process that outlives a plain terminate()
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        for _ in range(100):  # the group is gone once no member is left
-            try:
-                os.killpg(server.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
 
 
 def test_remote_server_receives_the_run(fmtune_tiny_model, tmp_path, aim_server):
     from aim import Repo
     from aim.sdk.index_manager import RepoIndexManager
 
-    repo_dir, port = aim_server
+    repo_dir, port, _stop = aim_server
     out = tmp_path / "out"
     res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "3",
                              "--aim_remote_server_ip", "127.0.0.1",
@@ -265,3 +280,153 @@ def test_failed_training_closes_the_aim_run_with_the_error(fmtune_tiny_model, tm
     # the step-2 hook raised before step 2 was logged: aim holds what the log file holds
     steps, values, _ = jsonl_series(out, "training_loss")
     assert aim_series(aim_run, "loss", "train")[:2] == (steps, values) and steps == [1]
+
+
+# ------------------------------------------------------- losing the tracker mid-run
+
+
+def lose(repo_dir, how):
+    """Take the aim repository away from under a running training."""
+    if how == "read-only":
+        subprocess.run(["chmod", "-R", "a-w", str(repo_dir)], check=True)
+    else:
+        shutil.rmtree(repo_dir)
+        if how == "replaced by a file":
+            repo_dir.write_text("not a repository any more")
+
+
+class LoseAt:
+    """An in-test plugin: at the end of step ``step`` (before it is logged) and once the
+    tracker has sent what it had, runs ``fault()``."""
+
+    def __init__(self, step, fault):
+        self.step, self.fault = step, fault
+
+    @hookimpl
+    def on_step(self, run):
+        if run.state.global_step == self.step:
+            import fmtune_aim
+
+            assert fmtune_aim._open_runs[run].guard.drain(30)  # step 1 is in aim
+            self.fault()
+
+
+def read_only_is_writable(tmp_path):
+    """Whether this process writes into read-only folders anyway (root with
+    CAP_DAC_OVERRIDE); `setpriv --bounding-set -dac_override` runs the tests as a root
+    that cannot."""
+    probe = tmp_path / "read-only-probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        (probe / "x").touch()
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.chmod(0o755)
+
+
+def summary_of(out):
+    return json.loads((out / "run_summary.json").read_text())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("how", ["deleted", "replaced by a file", "read-only"])
+def test_a_repository_lost_mid_run_does_not_stop_training(fmtune_tiny_model, tmp_path, how):
+    if how == "read-only" and read_only_is_writable(tmp_path):
+        pytest.skip("this user writes to read-only folders (root): the other faults stand in for it")
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "6",
+                             "--aim_repo", str(repo_dir), "--aim_timeout_s", "5"),
+                  plugins=[LoseAt(2, lambda: lose(repo_dir, how))])
+    assert res.exit_code == 0, res.stderr
+    if how == "read-only":
+        subprocess.run(["chmod", "-R", "u+w", str(repo_dir)], check=True)  # for tmp_path's cleanup
+    why = "is not writable" if how == "read-only" else "is gone"
+    reason = (f"{'PermissionError' if how == 'read-only' else 'FileNotFoundError'}: the aim "
+              f"repository {repo_dir / '.aim'} {why}")
+    assert summary_of(out)["trackers"] == {"aim": {"status": "failed", "at_step": 2,
+                                                   "error": reason}}
+    assert res.stderr.count("tracker aim") == 1
+    assert (f"tracker aim failed at step 2: {reason}; disabled for the rest of the run; the "
+            "losses are in training_logs.jsonl") in res.stderr
+    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]  # nothing lost
+    assert summary_of(out)["global_step"] == 6 and (out / "model.safetensors").exists()
+
+
+def test_a_hung_aim_call_costs_about_the_timeout(fmtune_tiny_model, tmp_path, monkeypatch):
+    import threading
+
+    from aim import Run as AimRun
+
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    gate, track = threading.Event(), AimRun.track
+
+    def hanging_track(self, value, name=None, step=None, **kw):
+        if step == 2:
+            gate.wait(300)  # an aim call that does not come back
+        return track(self, value, name=name, step=step, **kw)
+
+    monkeypatch.setattr(AimRun, "track", hanging_track)
+    begin = time.monotonic()
+    try:
+        res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "6",
+                                 "--aim_repo", str(repo_dir), "--aim_timeout_s", "2"))
+        took = time.monotonic() - begin
+    finally:
+        gate.set()
+    assert res.exit_code == 0, res.stderr
+    assert took < 120  # not the 300 s the call hangs
+    status = summary_of(out)["trackers"]["aim"]
+    assert status["status"] == "failed" and status["at_step"] == 2
+    # found hung by a later call, or at the end when the training was done sooner
+    assert status["error"].startswith("track gave no answer in 2 s")
+    assert f"tracker aim failed at step 2: {status['error']};" in res.stderr
+    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_healthy_run_reports_aim_ok(fmtune_tiny_model, tmp_path):
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "2",
+                             "--aim_repo", str(repo_dir)))
+    assert res.exit_code == 0, res.stderr
+    assert summary_of(out)["trackers"] == {"aim": {"status": "ok"}}
+    assert "tracker aim" not in res.stderr
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_remote_server_gone_mid_run_does_not_stop_training(fmtune_tiny_model, tmp_path,
+                                                             aim_server):
+    _repo_dir, port, stop = aim_server
+    out = tmp_path / "out"
+    res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "6",
+                             "--aim_remote_server_ip", "127.0.0.1",
+                             "--aim_remote_server_port", str(port), "--aim_timeout_s", "5"),
+                  plugins=[LoseAt(2, stop)])
+    assert res.exit_code == 0, res.stderr
+    # aim queues remote writes itself: the loss shows when it closes the run (at the end)
+    status = summary_of(out)["trackers"]["aim"]
+    assert status["status"] == "failed" and 2 <= status["at_step"] <= 6, status
+    assert f"tracker aim failed at step {status['at_step']}: {status['error']};" in res.stderr
+    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_aim_run_that_cannot_open_in_time_stops_before_training(fmtune_tiny_model,
+                                                                    tmp_path, monkeypatch):
+    import threading
+
+    from aim import Run as AimRun
+
+    gate = threading.Event()
+    monkeypatch.setattr(AimRun, "__init__", lambda self, *a, **kw: gate.wait(300))
+    out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
+    try:
+        res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "2",
+                                 "--aim_repo", str(repo_dir), "--aim_timeout_s", "1"))
+    finally:
+        gate.set()
+    assert res.exit_code == 2
+    assert (f"fmtune: error: aim: cannot open a run in {repo_dir}: open_run gave no answer "
+            "in 1 s") in res.stderr
+    assert not (out / "run_summary.json").exists()

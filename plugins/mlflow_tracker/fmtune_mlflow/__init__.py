@@ -19,7 +19,23 @@ the resumed part (``max_steps``, say) keep their first value (a warning names th
 MLflow 3 refuses its ``file:`` store unless ``MLFLOW_ALLOW_FILE_STORE=true``;
 for a ``file:`` URI this plugin sets that variable (when it is unset) in its
 own process, since a plain folder is the store that works offline with no
-database. Module import is cheap: mlflow is imported inside the hooks.
+database.
+
+Losing the tracker never loses the training (:mod:`fmtune.tracking`): every MLflow call
+runs on the tracker's own thread, each bounded by ``mlflow_timeout_s``. Opening the run
+stays strict (a store or server that cannot open a run stops the run before its first
+step, exit 2), but once training runs, the first call that fails or hangs (a server that
+died, a store deleted or made read-only) disables MLflow for the rest of the run with one
+warning line; training goes on and completes, the losses stay in ``training_logs.jsonl``
+and ``run_summary.json`` says ``"trackers": {"mlflow": {"status": "failed", "error": ...,
+"at_step": N}}`` (``{"status": "ok"}`` otherwise). MLflow's own HTTP retries (7 retries
+with exponential backoff, 120 s per request: about 8 minutes against a dead server) are
+bounded too: unless set in the environment, the plugin sets
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1`` and
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` = a quarter of ``mlflow_timeout_s`` in its process, so
+that a dead server gives MLflow's own error within the timeout.
+
+Module import is cheap: mlflow is imported inside the hooks.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from urllib.parse import unquote, urlparse
 from fmtune import hookimpl
 from fmtune.files import folder_problem, read_json_object, write_json
 from fmtune.config import ConfigError
+from fmtune.tracking import TrackerError, TrackerGuard
 
 log = logging.getLogger("fmtune")
 
@@ -62,6 +79,11 @@ def add_options(register):
              "else MLflow's default (sqlite:///mlflow.db in the current directory).")
     register("mlflow_experiment", str, None,
              "MLflow experiment name (created if missing); default: MLflow's 'Default'.")
+    register("mlflow_timeout_s", float, 30.0,
+             "Seconds each call into MLflow may take (opening the run, logging, closing it); "
+             "a call that fails or takes longer mid-run disables MLflow for the rest of the "
+             "run (training goes on; run_summary.json says so), one at the start stops the "
+             "run. Also bounds MLflow's HTTP retries (unless MLFLOW_HTTP_REQUEST_* are set).")
 
 
 def _default_uri() -> str:
@@ -121,16 +143,45 @@ def uri_problem(uri: str) -> str | None:
         except OSError as e:
             return (f"{what}: cannot reach the tracking server at {parsed.hostname}:{port} "
                     f"({e.strerror or type(e).__name__})")
+    scheme = parsed.scheme.split("+")[0]
+    if scheme and scheme not in KNOWN_SCHEMES and scheme not in _plugin_schemes():
+        return (f"{what}: unknown scheme {parsed.scheme!r} (MLflow tracks to file:, sqlite:, "
+                "postgresql:, mysql:, mssql:, http(s): or databricks URIs)")
     return None  # databricks, ...: MLflow itself checks when the run opens
+
+
+# the tracking store schemes MLflow knows (mlflow.tracking._tracking_service.utils registers
+# them); a store plugin adds its own through the entry point group mlflow.tracking_store
+KNOWN_SCHEMES = frozenset({"file", "sqlite", "postgresql", "mysql", "mssql", "http", "https",
+                           "databricks", "databricks-uc", "uc"})
+
+
+def _plugin_schemes() -> set[str]:
+    from importlib import metadata
+
+    return {ep.name for ep in metadata.entry_points(group="mlflow.tracking_store")}
 
 
 @hookimpl
 def validate_config(config):
+    problems = []
+    if not 0 < config.mlflow_timeout_s <= 86400:
+        problems.append(f"mlflow_timeout_s must be between 0 and 86400 seconds, got "
+                        f"{config.mlflow_timeout_s}")
     uri = normalize_uri(config.mlflow_tracking_uri or _default_uri())
-    return uri_problem(uri)
+    problems.append(uri_problem(uri))
+    return [p for p in problems if p]
 
 
 # -------------------------------------------------------------------- tracking
+
+
+def bound_http_retries(timeout_s: float) -> None:
+    """MLflow's HTTP retry settings, bounded to fit in ``timeout_s``: set in this process
+    unless the environment sets them."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout_s // 4))))
 
 
 def _read_state(path: str) -> dict[str, Any] | None:
@@ -149,30 +200,37 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
 
 
 class _MlflowTracker:
-    """One open MLflow run for one fmtune run."""
+    """One open MLflow run for one fmtune run; every MLflow call goes through ``self.guard``."""
 
     def __init__(self, run) -> None:
         config = run.config
         self.uri = normalize_uri(config.mlflow_tracking_uri or _default_uri())
         if self.uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        from mlflow import MlflowClient
-
+        bound_http_retries(config.mlflow_timeout_s)
         self.state_path = os.path.join(run.output_dir, STATE_FILE)
         self.progress_step: dict[str, int] = {}
-        previous = _read_state(self.state_path) if run.resumed_from else None
+        self.run_id: str | None = None
+        self.guard = TrackerGuard("mlflow", config.mlflow_timeout_s)
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.run_id = self._resume(previous) if previous else None
-            if self.run_id is None:
-                self.run_id = self._create(run)
-            self.resumed = previous is not None and previous["run_id"] == self.run_id
-            self._log_params(run)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any MLflow failure here is a setup problem
-            raise ConfigError(f"mlflow: cannot open a run at {self.uri}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            self.guard.start(self.open_run, run, step=run.state.global_step)
+        except TrackerError as e:
+            self.guard.finish()
+            if isinstance(e.__cause__, ConfigError):
+                raise e.__cause__ from None
+            raise ConfigError(f"mlflow: cannot open a run at {self.uri}: {e}") from e
+
+    def open_run(self, run) -> None:
+        """Open (or reopen) the MLflow run; on the guard's thread."""
+        from mlflow import MlflowClient
+
+        previous = _read_state(self.state_path) if run.resumed_from else None
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.run_id = self._resume(previous) if previous else None
+        if self.run_id is None:
+            self.run_id = self._create(run)
+        self.resumed = previous is not None and previous["run_id"] == self.run_id
+        self._log_params(run)
         experiment = self.client.get_experiment(self.experiment_id)
         write_json(self.state_path, {"run_id": self.run_id, "experiment_id": self.experiment_id,
                                       "experiment_name": experiment.name, "tracking_uri": self.uri})
@@ -234,18 +292,27 @@ class _MlflowTracker:
             self.client.log_batch(self.run_id, tags=[RunTag("fmtune.resumed_from",
                                                             str(run.resumed_from))])
 
-    def log_metrics(self, values: dict[str, float], step: int) -> None:
+    def log_metrics(self, values: dict[str, float], step: int, at_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
         if not values:
             return
-        now = int(time.time() * 1000)
+        now = at_ms or int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
                                                     for k, v in values.items()])
 
     def close(self, summary: dict[str, Any], step: int) -> None:
         self.log_metrics({f"summary/{k}": v for k, v in _numbers(summary).items()}, step)
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    def close_failed(self, error: str) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag("fmtune.error", error[:5000])])
+        self.client.set_terminated(self.run_id, "FAILED")
+
+    def kill(self) -> None:
+        self.client.set_terminated(self.run_id, "KILLED")
 
 
 @hookimpl
@@ -254,7 +321,7 @@ def on_train_begin(run):
         return
     stale = _open_runs.pop(run, None)
     if stale is not None:
-        stale.client.set_terminated(stale.run_id, "KILLED")
+        stale.guard.finish(stale.kill, step=run.state.global_step)
     _open_runs[run] = _MlflowTracker(run)
 
 
@@ -272,7 +339,9 @@ def on_log(run, logs):
             del values[key]
         elif key in values:
             tracker.progress_step[key] = step
-    tracker.log_metrics(values, step)
+    if values:
+        tracker.guard.submit(tracker.log_metrics, values, step, int(time.time() * 1000),
+                             step=step)
 
 
 @hookimpl
@@ -282,7 +351,9 @@ def on_train_end(run, summary):
         return
     summary["mlflow_run_id"] = tracker.run_id
     summary["mlflow_tracking_uri"] = tracker.uri
-    tracker.close(summary, run.state.global_step)
+    step = run.state.global_step
+    tracker.guard.finish(tracker.close, dict(summary), step, step=step)
+    tracker.guard.report(summary)
 
 
 @hookimpl
@@ -290,8 +361,5 @@ def on_train_error(run, error):
     tracker = _open_runs.pop(run, None)
     if tracker is None:
         return
-    from mlflow.entities import RunTag
-
-    tracker.client.log_batch(tracker.run_id, tags=[RunTag(
-        "fmtune.error", f"{type(error).__name__}: {error}"[:5000])])
-    tracker.client.set_terminated(tracker.run_id, "FAILED")
+    tracker.guard.finish(tracker.close_failed, f"{type(error).__name__}: {error}",
+                         step=run.state.global_step)
