@@ -15,6 +15,10 @@ import os
 from .loading import DataError
 
 CHAT_HANDLERS = ("apply_tokenizer_chat_template", "tokenize_and_apply_chat_template_with_masking")
+# The roles of chat data (transformers' and OpenAI's message format). A template may know
+# others (gpt-oss's developer, Llama 3.1's ipython, Granite's tool_response): the roles it
+# compares a message's role with are allowed too (``template_roles``).
+ROLES = ("system", "user", "assistant", "tool")
 RECORD = "fmtune_record"
 # Renders a record-form template through the tokenizer's own apply_chat_template (same Jinja
 # environment, special tokens, tools, documents and add_generation_prompt as the list form):
@@ -111,6 +115,43 @@ def record_keys(template: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+@functools.lru_cache(maxsize=64)
+def template_roles(template: str) -> tuple[str, ...]:
+    """The roles a chat template names: strings it compares a ``role`` with
+    (``message['role'] == 'developer'``, ``message.role in ['tool', 'ipython']``, ``role ==
+    'tool_response'`` after ``{% set role = message.role %}``) or passes
+    with ``'role'`` to a filter or test (``selectattr('role', 'equalto', 'system')``)."""
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        tree = _parser().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return ()
+
+    def is_role(node) -> bool:  # message.role, message['role'], or a variable named role
+        return any((isinstance(n, nodes.Getattr) and n.attr == "role") or
+                   (isinstance(n, nodes.Getitem) and isinstance(n.arg, nodes.Const)
+                    and n.arg.value == "role") or (isinstance(n, nodes.Name) and n.name == "role")
+                   for n in [node, *node.find_all((nodes.Getattr, nodes.Getitem, nodes.Name))])
+
+    def strings(node) -> list[str]:
+        return [c.value for c in [node, *node.find_all(nodes.Const)]
+                if isinstance(c, nodes.Const) and isinstance(c.value, str)]
+
+    found = []
+    for cmp in tree.find_all(nodes.Compare):
+        operands = [cmp.expr, *(op.expr for op in cmp.ops)]
+        if any(is_role(o) for o in operands):
+            found += [v for o in operands if not is_role(o) for v in strings(o)]
+    for call in tree.find_all((nodes.Filter, nodes.Test, nodes.Call)):
+        args = [a.value for a in call.args if isinstance(a, nodes.Const)]
+        if "role" in args:
+            found += [a for a in args if isinstance(a, str) and a not in ("role", "equalto",
+                                                                           "eq", "==", "in")]
+    return tuple(dict.fromkeys(r for r in found if r not in ROLES))
+
+
 def _normalized(value):
     """Messages as apply_chat_template gives them to a template: keys whose value is None
     dropped (datasets fills a field missing from some messages with None)."""
@@ -150,6 +191,10 @@ class ChatRenderer:
                                 "handler's conversation_column)")
             self._forms[key] = (template, keys)
         return self._forms[key]
+
+    def roles(self, tools=None) -> tuple[str, ...]:
+        """The roles messages may have: ``ROLES`` and those the template names."""
+        return ROLES + template_roles(self.form(tools)[0])
 
     def render(self, messages, record: dict, add_generation_prompt: bool = False,
                **extras) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 
 from fmtune.cli import load_config, train_help
+from fmtune.config import CommandParser
 from fmtune.pipeline import validate
 
 from . import plugin
@@ -149,18 +149,31 @@ def mark(tokenizer, ids, labels, color: bool) -> str:
     return "".join(parts)
 
 
+def _data_parser() -> CommandParser:
+    """``fmtune data``'s grammar: a usage error is one ``fmtune: error:`` line, exit 2."""
+    ap = CommandParser(prog="fmtune data", description="Data commands of the data_handlers "
+                       "plugin.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
+    preview = sub.add_parser(
+        "preview", add_help=False, allow_abbrev=False, help="show processed examples with the "
+        "trained tokens marked, and what was kept, truncated and dropped",
+        description="fmtune data preview [--n N] [--color auto|always|never] [train options]: "
+        "shows processed examples with the trained tokens marked, and what was kept, "
+        "truncated and dropped. --help lists the train options.")
+    preview.add_argument("--n", type=int, default=3, help="examples to show (default 3)")
+    preview.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    return ap
+
+
 def data(argv: list[str]) -> int:
     """fmtune data preview [--n N] [--color auto|always|never] [train options]."""
-    if not argv or argv[0] != "preview":
-        print("usage: fmtune data preview [--n N] [--color auto|always|never] [train options]\n"
-              "Shows processed examples with the trained tokens marked, and what was kept, "
-              "truncated and dropped.", file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else
-              sys.stdout)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    ap = argparse.ArgumentParser(prog="fmtune data preview", add_help=False)
-    ap.add_argument("--n", type=int, default=3)
-    ap.add_argument("--color", choices=("auto", "always", "never"), default="auto")
-    args, rest = ap.parse_known_args(argv[1:])
+    ap = _data_parser()
+    if argv[:1] and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        ap.error(f"unrecognized arguments: {argv[0]} (the sub-command comes first: "
+                 "fmtune data preview [options])")
+    args, rest = ap.parse_known_args(argv)  # -h prints the help and exits 0
+    if args.command is None:
+        ap.error("a sub-command is required: preview")
     if "--output_dir" not in " ".join(rest):  # preview writes nothing; the core wants a folder
         with tempfile.TemporaryDirectory(prefix="fmtune-preview-") as tmp:
             return data(argv + ["--output_dir", tmp])

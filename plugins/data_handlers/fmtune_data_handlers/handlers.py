@@ -11,7 +11,10 @@ A handler is a function plus a kind:
 * ``dataset``: ``fn(dataset, **fn_kwargs) -> dataset``.
 
 fmtune passes ``tokenizer`` and ``max_seq_length`` to any handler whose
-signature names them. Third-party plugins register handlers with the
+signature names them. A data_config's ``fn_kwargs`` must be parameters the function names;
+``**_`` takes what fmtune passes and checks nothing, ``**kwargs`` (any other name) accepts any
+key. A handler refuses one record with ``RecordError(index_in_batch, problem)``: fmtune names
+the record's file and line. Third-party plugins register handlers with the
 ``register_data_handlers(register)`` hook: ``register(name, fn, kind="map")``;
 ``batch_only=True`` declares a map/filter function written for batches only, which
 fmtune then runs on batches even under ``batched: false`` (fms-hf-tuning's configs
@@ -29,7 +32,7 @@ from fmtune.config import suggest
 from fmtune.default_plugins.data import join  # the core's (fms-hf-tuning's) separator rule
 
 from .chat import ChatRenderer
-from .loading import DataError
+from .loading import ROW, DataError, RecordError
 from .masking import encode
 
 KINDS = ("map", "filter", "dataset")
@@ -46,6 +49,19 @@ class Handler:
     def accepts(self, arg: str) -> bool:
         params = inspect.signature(self.fn).parameters
         return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def arguments(self) -> list[str] | None:
+        """The ``fn_kwargs`` keys the function takes: the parameters it names after the batch
+        (or record, or dataset). None: any key (a ``**kwargs`` named other than ``_``, or no
+        signature to read); ``**_`` is the convention for "ignores what fmtune passes"."""
+        try:
+            params = list(inspect.signature(self.fn).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is p.VAR_KEYWORD and p.name != "_" for p in params):
+            return None
+        return [p.name for p in params[1:]
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 class Registry:
@@ -92,8 +108,7 @@ def _column(batch: dict, name: str, what: str) -> list:
 def _strings(values: list, name: str) -> list[str]:
     for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise DataError(f"column {name!r}: record {i + 1} of this batch is "
-                            f"{type(v).__name__}, not a string")
+            raise RecordError(i, f"field {name!r} must be a string, got {type(v).__name__}")
     return values
 
 
@@ -111,19 +126,21 @@ def jinja_env():
     return _JINJA
 
 
-def render_template(template: str, record: dict, where: str, tokens: dict | None = None) -> str:
+def render_template(template: str, record: dict, where: str = "",
+                    tokens: dict | None = None) -> str:
     """Render with the record's fields as names (``{{field}}``), the record itself as
     ``element`` (``{{element['field with spaces']}}``) and the tokenizer's special tokens
     (``{{eos_token}}``), as fms-hf-tuning does; a field of the record wins a name clash."""
     from jinja2 import TemplateError, UndefinedError
 
+    where = f"{where}: " if where else ""
     try:
         return jinja_env().from_string(template).render({"element": record, **(tokens or {}),
                                                          **record})
     except UndefinedError as e:
-        raise DataError(f"{where}: template field missing: {e.message}") from None
+        raise DataError(f"{where}template field missing: {e.message}") from None
     except TemplateError as e:
-        raise DataError(f"{where}: template error: {e}") from None
+        raise DataError(f"{where}template error: {e}") from None
 
 
 def _records(batch: dict) -> list[dict]:
@@ -179,9 +196,11 @@ def apply_custom_jinja_template(batch, template, formatted_text_column_name="for
     """Render each record with a sandboxed Jinja template (undefined fields are errors)."""
     tokens = {k: v for k, v in tokenizer.special_tokens_map.items()
               if isinstance(v, str)} if tokenizer is not None else {}
-    return {formatted_text_column_name: [render_template(template, rec, f"record {rec!r:.60}",
-                                                         tokens)
-                                         for rec in _records(batch)]}
+    texts = []
+    for i, rec in enumerate(_records(batch)):
+        with _record(i):
+            texts.append(render_template(template, rec, tokens=tokens))
+    return {formatted_text_column_name: texts}
 
 
 CONVERSATION_COLUMNS = ("messages", "conversation", "chat", "turns")  # fms-hf-tuning's guesses
@@ -209,9 +228,44 @@ def apply_tokenizer_chat_template(batch, tokenizer, conversation_column=None,
         convs = batch[column] if column else [None] * _rows_in(batch)
     else:
         convs = _column(batch, column or CONVERSATION_COLUMNS[0], where)
-    return {formatted_text_column_name: [
-        renderer.render(c, rec, **_chat_extras(batch, i))
-        for i, (c, rec) in enumerate(zip(convs, _records(batch)))]}
+    texts = []
+    for i, (conv, rec) in enumerate(zip(convs, _records(batch))):
+        extras = _chat_extras(batch, i)
+        with _record(i):
+            if isinstance(conv, list):
+                _check_roles(conv, column, renderer, extras.get("tools"))
+            texts.append(renderer.render(conv, rec, **extras))
+    return {formatted_text_column_name: texts}
+
+
+class _record:
+    """``with _record(i):`` a DataError raised inside is about record ``i`` of the batch."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and isinstance(error, DataError) and \
+                not isinstance(error, RecordError):
+            raise RecordError(self.index, str(error)) from None
+        return False
+
+
+def _check_roles(messages: list, column: str | None, renderer: ChatRenderer, tools) -> None:
+    """Each message's role is one the chat data may have (``chat.ROLES``, and any role the
+    template in use names); a record with another (``wizard``, ShareGPT's ``gpt``) would be
+    rendered as is and, not being ``assistant``, never trained."""
+    known = renderer.roles(tools)
+    for k, msg in enumerate(messages):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in known:
+            raise DataError(f"field {column or 'messages'!r}: message {k + 1} has role "
+                            f"{role!r}{suggest(str(role), known)}; the roles are "
+                            f"{', '.join(known)} (the standard ones and those the chat "
+                            "template names)")
 
 
 def _rows_in(batch: dict) -> int:
@@ -274,27 +328,34 @@ def template_segments(text: str, instruction_template: str | None,
 
 def tokenize_and_apply_chat_template_with_masking(
         batch, tokenizer, max_seq_length, conversation_column="messages", chat_template=None,
-        instruction_template=None, response_template=None, **_):
-    """Chat data: only assistant turns (and their end-of-turn tokens) are trained."""
+        instruction_template=None, response_template=None, conversation_column_name=None,
+        formatted_text_column_name=None, **_):
+    """Chat data: only assistant turns (and their end-of-turn tokens) are trained.
+    ``conversation_column_name`` is fms-hf-tuning's older name of ``conversation_column``;
+    ``formatted_text_column_name`` is ignored, as fms-hf-tuning does (its example configs give
+    it; this handler writes tokens, not text)."""
     where = "tokenize_and_apply_chat_template_with_masking"
+    conversation_column = conversation_column_name or conversation_column
     renderer = ChatRenderer(tokenizer, chat_template, where, column=conversation_column)
     convs = _column(batch, conversation_column, where)
     segs, reasons = [], {}
     for i, (conv, record) in enumerate(zip(convs, _records(batch))):
         if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in conv):
-            raise DataError(f"column {conversation_column!r}: record {i + 1} of this batch is not "
-                            "a list of {role, content} messages")
+            raise RecordError(i, f"field {conversation_column!r} is not a list of "
+                                 "{role, content} messages")
         extras = _chat_extras(batch, i)
-        if response_template:
-            text = renderer.render(conv, record, **extras)
-            s = template_segments(text, instruction_template, response_template)
-            if not any(t for _, t in s):
-                reasons[i] = "dropped: response_template not found"
-        else:
-            s = chat_segments(tokenizer, conv, record=record, renderer=renderer, **extras)
-            if not any(t for _, t in s):
-                reasons[i] = "dropped: no assistant turn"
+        with _record(i):
+            _check_roles(conv, conversation_column, renderer, extras.get("tools"))
+            if response_template:
+                text = renderer.render(conv, record, **extras)
+                s = template_segments(text, instruction_template, response_template)
+                if not any(t for _, t in s):
+                    reasons[i] = "dropped: response_template not found"
+            else:
+                s = chat_segments(tokenizer, conv, record=record, renderer=renderer, **extras)
+                if not any(t for _, t in s):
+                    reasons[i] = "dropped: no assistant turn"
         segs.append(s or [("", False)])
     return encode(tokenizer, segs, max_seq_length, add_eos=False, add_special_tokens=False,
                   status=reasons)
@@ -326,12 +387,18 @@ def rename_columns(dataset, column_mapping, **_):
 
 
 def select_columns(dataset, column_names, **_):
-    return dataset.select_columns(list(column_names))
+    keep = list(column_names)
+    if ROW in (dataset.column_names or []) and ROW not in keep:
+        keep.append(ROW)  # fmtune's row numbers (for error messages) stay
+    return dataset.select_columns(keep)
 
 
 def remove_columns(dataset, column_names, **_):
     return dataset.remove_columns(list(column_names))
 
+
+# column handlers that keep fmtune's row-number column (others never see it)
+KEEP_ROW = (rename_columns, select_columns, remove_columns)
 
 BUILTIN = {
     "tokenize_and_apply_input_masking": (tokenize_and_apply_input_masking, "map"),

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import re
 from typing import Any
 
 from fmtune.config import ConfigError
+
+log = logging.getLogger("fmtune")
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",
             ".csv": "csv"}
@@ -20,6 +24,26 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": 
 
 class DataError(ConfigError):
     """Bad data: the message names the file, the record and the field."""
+
+
+class RecordError(DataError):
+    """What a handler raises for one bad record of its batch: ``index`` is the record's position
+    in the batch (0 for an unbatched handler's record), ``problem`` what is wrong with it
+    (``field 'output' must be a string, got int``). fmtune replaces the batch position by the
+    record's file and line (``data.jsonl:7: field 'output' must be ...``)."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(index, problem)
+        self.index, self.problem = index, problem
+
+    def __str__(self) -> str:
+        return f"record {self.index + 1} of this batch: {self.problem}"
+
+
+# A column fmtune adds to every loaded dataset (the row's number in load order), so that a
+# record a handler refuses is named by its file and line. Handlers never see it; it is
+# dropped after the handlers.
+ROW = "__fmtune_row__"
 
 
 def split_paths(paths: Any) -> list[str]:
@@ -54,15 +78,81 @@ def _saved_arrow_files(folder: str) -> list[str]:
         return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".arrow"))
 
 
-def expand(path: str) -> list[str]:
+# what `fmtune train` writes into its output_dir (any one of them marks an fmtune run folder),
+# and the split folders of `fmtune preprocess` with their shards
+RUN_FILES = ("fmtune_config.json", "run_summary.json", "training_logs.jsonl")
+PREPROCESSED = ("train_dataset", "validation_dataset")
+_SHARD = re.compile(r"(train|validation)-\d{5}-of-\d{5}\.parquet$")
+
+
+def output_folder(folder: str) -> str | None:
+    """Why ``folder`` is an fmtune output folder (a run's output_dir, or the output_dir of
+    ``fmtune preprocess``), whose files are not data; None when it is not one."""
+    for name in RUN_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return f"an fmtune run's output folder (holds {name})"
+    for name in PREPROCESSED:
+        sub = os.path.join(folder, name)
+        try:
+            names = os.listdir(sub) if os.path.isdir(sub) else []
+        except OSError:
+            continue
+        if names and all(_SHARD.match(n) for n in names):
+            return f"an fmtune preprocess output folder (holds {name}/)"
+    return None
+
+
+def _refuse_output_folder(path: str) -> None:
+    why = output_folder(path)
+    if why:
+        hint = (f"give {os.path.join(path, 'train_dataset')}" if "preprocess" in why else
+                "give the data files or a folder of them, and keep output_dir out of it")
+        raise DataError(f"{path}: is {why}, not a data folder; {hint}")
+
+
+def _in_output_folder(folder: str, base: str, why: dict[str, str | None]) -> bool:
+    """Whether ``folder`` or a folder above it, up to ``base`` (where a glob starts), is an
+    fmtune output folder; ``why`` caches the answers by folder."""
+    while True:
+        if folder not in why:
+            why[folder] = output_folder(folder or ".")
+        if why[folder]:
+            return True
+        if os.path.abspath(folder or ".") == base or os.path.dirname(folder) == folder:
+            return False
+        folder = os.path.dirname(folder)
+
+
+def expand(path: str, quiet: bool = False) -> list[str]:
     """Files behind a path, folder or glob (sorted); [] when none exist. A ``save_to_disk``
-    folder inside a folder counts with its Arrow files only, not its JSON metadata."""
+    folder inside a folder counts with its Arrow files only, not its JSON metadata.
+
+    fmtune output folders (a run's output_dir: fmtune_config.json, training_logs.jsonl,
+    checkpoints; ``fmtune preprocess``'s shards) inside the folder, or on a glob's path, are
+    not data: skipped, with a log line (``quiet``: without). The folder given being one is
+    an error."""
     if any(c in path for c in "*?["):
-        return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        base = os.path.abspath(os.path.dirname(re.split(r"[*?[]", path, maxsplit=1)[0]) or ".")
+        found, why = [], {}  # folder -> why it is an output folder (None: it is not)
+        for p in sorted(glob.glob(path, recursive=True)):
+            if os.path.isfile(p) and not _in_output_folder(os.path.dirname(p), base, why):
+                found.append(p)
+        for folder, reason in why.items():
+            if reason and not quiet:
+                log.warning("%s: skipped, %s, not data", folder, reason)
+        return found
     if os.path.isdir(path):
+        _refuse_output_folder(path)
         found = []
         for root, dirs, files in os.walk(path):
             dirs.sort()
+            if root != path:
+                why = output_folder(root)
+                if why:
+                    if not quiet:
+                        log.warning("%s: skipped, %s, not data", root, why)
+                    dirs[:] = []
+                    continue
             if saved_kind(root) == "dataset":
                 found += _saved_arrow_files(root)
                 dirs[:] = []
@@ -130,6 +220,78 @@ def raise_json_errors(files: list[str]) -> None:
             raise DataError(err)
 
 
+def _json_records(path: str):
+    """(where, record) of a JSON list or JSONL file: ``path:line`` or ``path: record N``."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):
+            for i, rec in enumerate(json.load(f), 1):
+                yield f"{path}: record {i}", rec
+            return
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{lineno}", json.loads(line)
+
+
+def _json_kind(value) -> str | None:
+    if value is None:
+        return None
+    for kind, name in ((bool, "a boolean"), (str, "a string"), ((int, float), "a number"),
+                       (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def raise_type_clash(files: list[str]) -> None:
+    """The first record whose field has another JSON type than the field's first value (a
+    field of mixed types, which datasets' JSON loader may fail on), as one line."""
+    first: dict[str, tuple[str, str]] = {}  # field -> (kind, where)
+    try:
+        for path in files:
+            for where, rec in _json_records(path):
+                for name, value in rec.items() if isinstance(rec, dict) else ():
+                    kind = _json_kind(value)
+                    if kind is None:
+                        continue
+                    seen = first.setdefault(name, (kind, where))
+                    if seen[0] != kind:
+                        raise DataError(f"{where}: field {name!r} is {kind} here and {seen[0]} "
+                                        f"at {seen[1]}; give a field one type in all records")
+    except (OSError, ValueError):
+        return
+
+
+def utf8_error(path: str, chunk_size: int = 1 << 20) -> str | None:
+    """Where a text file stops being UTF-8, as 'path:line: not UTF-8 text (byte 0x.. at offset
+    N)' (the core reader's words), else None. Read in chunks: a data file can be larger than
+    memory, and pyarrow's readers load invalid bytes that fail only when a handler reads them."""
+    offset, lines, carry = 0, 0, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as e:
+                if chunk and e.reason == "unexpected end of data" and e.end == len(data):
+                    carry = data[e.start:]  # a character cut by the chunk: decided next round
+                    data = data[:e.start]
+                else:
+                    line = lines + data.count(b"\n", 0, e.start) + 1
+                    return (f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                            f"{offset + e.start}); convert the file to UTF-8")
+            if not chunk:
+                return None
+            lines += data.count(b"\n")
+            offset += len(data)
+
+
+TEXT_KINDS = ("json", "csv")
+
+
 def load_files(files: list[str], builder: str | None = None, streaming: bool = False):
     """One dataset from files of one format."""
     from datasets import load_dataset
@@ -145,11 +307,16 @@ def load_files(files: list[str], builder: str | None = None, streaming: bool = F
     for f in files:
         if os.path.getsize(f) == 0:
             raise DataError(f"{f}: no records")
+        if kind in TEXT_KINDS:
+            err = utf8_error(f)
+            if err:
+                raise DataError(err)
     try:
         ds = load_dataset(kind, data_files=files, split="train", streaming=streaming)
     except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types
         if kind == "json":  # name the file and line, which pyarrow's message does not
             raise_json_errors(files)
+            raise_type_clash(files)
         raise DataError(f"{files[0]}: cannot be read as {kind}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if streaming and kind == "json":
@@ -231,7 +398,10 @@ def peek_columns(paths: Any, builder: str | None = None) -> dict[str, list[str]]
     files are left out): cheap enough for config validation."""
     found = {}
     for path in split_paths(paths):
-        files = expand(path)
+        try:
+            files = expand(path, quiet=True)
+        except DataError:  # reported when the data loads
+            continue
         if files:
             cols = file_columns(files[0], builder)
             if cols is not None:
@@ -239,12 +409,100 @@ def peek_columns(paths: Any, builder: str | None = None) -> dict[str, list[str]]
     return found
 
 
+class Origins:
+    """Where the rows of one loaded dataset come from: the row numbers of the :data:`ROW`
+    column (from 0, in load order) back to a file and line, for error messages. Files are
+    read again only when a record is refused."""
+
+    def __init__(self) -> None:
+        # (rows, None when not known (a stream); kind; the files, or a folder or hub id)
+        self.parts: list[tuple[int | None, str, list[str] | str]] = []
+
+    def add(self, ds, kind: str, source: list[str] | str) -> None:
+        self.parts.append((len(ds) if hasattr(ds, "__len__") else None, kind, source))
+
+    def where(self, row: int) -> str | None:
+        """``path:line`` (JSONL, CSV), ``path: record N`` (a JSON list, Parquet, Arrow, a
+        save_to_disk folder, a hub dataset), or None when it cannot be told."""
+        start = 0
+        for n, kind, source in self.parts:
+            if n is not None and row - start >= n:
+                start += n
+                continue
+            if not isinstance(source, list):
+                return f"{source}: record {row - start + 1}" if n is not None else None
+            for path in source:  # counted file by file
+                place, count = _record_in_file(path, kind, row - start)
+                if place or count is None:
+                    return place
+                start += count
+            if n is not None:
+                return None
+        return None
+
+
+def _record_in_file(path: str, kind: str, k: int) -> tuple[str | None, int | None]:
+    """(where record ``k`` (from 0) of the file is, None when the file has fewer records;
+    the file's number of records, None when unknown)."""
+    try:
+        if kind == "json":
+            n = 0
+            for where, _ in _json_records(path):
+                if n == k:
+                    return where, None
+                n += 1
+            return None, n
+        if kind == "csv":
+            import csv
+
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.reader(f)
+                next(reader, None)  # the header
+                n, line = 0, reader.line_num + 1
+                for record in reader:
+                    if record:
+                        if n == k:
+                            return f"{path}:{line}", None
+                        n += 1
+                    line = reader.line_num + 1
+                return None, n
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            n = pq.ParquetFile(path).metadata.num_rows
+        elif kind == "arrow":
+            import pyarrow as pa
+
+            with pa.memory_map(path) as source:
+                try:
+                    n = pa.ipc.open_stream(source).read_all().num_rows
+                except pa.ArrowInvalid:
+                    n = pa.ipc.open_file(source).read_all().num_rows
+        else:
+            return None, None
+        return (f"{path}: record {k + 1}" if k < n else None), n
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None, None
+
+
+def add_row_numbers(ds):
+    """``ds`` with the :data:`ROW` column (each row's number in load order)."""
+    if hasattr(ds, "__len__"):
+        import numpy as np
+
+        return ds.add_column(ROW, np.arange(len(ds), dtype=np.int32 if len(ds) < 2**31
+                                            else np.int64))
+    return ds.map(lambda batch, idx: {ROW: idx}, with_indices=True, batched=True)
+
+
 def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
-               split: str | None = None):
+               split: str | None = None, origins: Origins | None = None):
     """One dataset from one or more paths/folders/globs/hub ids (concatenated).
 
     ``split`` (a data_config's ``dataset_split_name``) picks a named split of a hub id or of a
     folder in the Hub's layout (``data/train_sft-00000-of-00001.parquet``); files have one.
+    With ``origins``, the dataset gets the :data:`ROW` column and ``origins`` what maps it
+    back to files and lines.
     """
     from datasets import concatenate_datasets
 
@@ -252,9 +510,13 @@ def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
     for path in split_paths(paths):
         if os.path.isdir(path) and saved_kind(path):
             parts.append(load_saved(path, streaming, split))
+            if origins is not None:
+                origins.add(parts[-1], "saved", path)
             continue
         if split and split != "train" and os.path.isdir(path):
             parts.append(load_hub(path, streaming, split))
+            if origins is not None:
+                origins.add(parts[-1], "hub", path)
             continue
         files = expand(path)
         if files and split and split != "train":
@@ -262,17 +524,24 @@ def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
                             "split 'train' (named splits come from a hub id or a folder)")
         if files:
             parts.append(load_files(files, builder, streaming))
+            if origins is not None:
+                origins.add(parts[-1], builder or BUILDERS[os.path.splitext(files[0])[1]],
+                            files)
         elif any(c in path for c in "*?[") or path.startswith((".", "/", "~")) or \
                 os.path.splitext(path)[1] in BUILDERS:
             raise DataError(f"{path}: no such file, folder or matching files")
         else:
             parts.append(load_hub(path, streaming, split or "train"))
+            if origins is not None:
+                origins.add(parts[-1], "hub", path)
     if not parts:
         raise DataError("no data path given")
     if len(parts) == 1:
-        return parts[0]
-    try:
-        return concatenate_datasets(parts)
-    except ValueError as e:
-        raise DataError(f"{', '.join(split_paths(paths))}: cannot be combined (different "
-                        f"columns?): {e}") from None
+        ds = parts[0]
+    else:
+        try:
+            ds = concatenate_datasets(parts)
+        except ValueError as e:
+            raise DataError(f"{', '.join(split_paths(paths))}: cannot be combined (different "
+                            f"columns?): {e}") from None
+    return add_row_numbers(ds) if origins is not None else ds

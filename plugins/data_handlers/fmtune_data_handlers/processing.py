@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,8 @@ import yaml
 from fmtune.config import load_yaml_text, suggest
 
 from .chat import CHAT_HANDLERS, configured_template, require_template
-from .handlers import Registry
-from .loading import DataError, load_paths, split_paths
+from .handlers import KEEP_ROW, Registry
+from .loading import ROW, DataError, Origins, RecordError, load_paths, split_paths
 
 log = logging.getLogger("fmtune")
 
@@ -142,13 +143,16 @@ def _chat_template(proc: dict, path: str, base: str) -> str | None:
 
 def _check_sampling(specs: list[DatasetSpec], path: str) -> None:
     """fms-hf-tuning's rule: with sampling, every dataset that gives a train split needs a
-    ratio (those that only give validation need none) and the ratios sum to 1."""
+    ratio (those that only give validation need none) and the ratios sum to 1. A ratio given
+    is in (0, 1]: 0 is refused (fms-hf-tuning reads it as "not given", which trains the whole
+    dataset; a dataset not to train on is left out of the data_config)."""
     train = [i for i, s in enumerate(specs) if s.fractions()[0] > 0]
     ratios = [s.sampling for s in specs]
     for i, r in enumerate(ratios):
-        if r is not None and not 0 <= r <= 1:
-            raise DataError(f"{path}: datasets[{i}].sampling: must be in [0, 1], got {r}")
-    given = [i for i, r in enumerate(ratios) if r]  # fms-hf-tuning treats 0 as not given
+        if r is not None and not 0 < r <= 1:
+            hint = " (leave sampling out, or the dataset)" if r == 0 else ""
+            raise DataError(f"{path}: datasets[{i}].sampling: must be in (0, 1], got {r}{hint}")
+    given = [i for i, r in enumerate(ratios) if r is not None]
     if not given:
         return
     for i in given:
@@ -156,7 +160,7 @@ def _check_sampling(specs: list[DatasetSpec], path: str) -> None:
             raise DataError(f"{path}: datasets[{i}].sampling: dataset {specs[i].name!r} has no "
                             "train split (split.train is 0), so it is not sampled")
     for i in train:
-        if not ratios[i]:
+        if ratios[i] is None:
             raise DataError(f"{path}: datasets[{i}].sampling: required, as other datasets have "
                             f"sampling (every dataset with a train split needs a ratio)")
     if abs(sum(ratios[i] for i in train) - 1) > 1e-6:
@@ -210,6 +214,14 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
             args = _check(h.get("arguments") or {}, "arguments", f"{hw}.arguments")
             handler = registry.get(h["name"], f"{hw}.name")
             fn_kwargs = dict(args.get("fn_kwargs") or {})
+            takes = handler.arguments()  # less the tokenizer, which fmtune passes
+            takes = None if takes is None else [k for k in takes if k != "tokenizer"]
+            for key in fn_kwargs if takes is not None else ():
+                if key not in takes:
+                    raise DataError(
+                        f"{hw}.arguments.fn_kwargs.{key}: data handler {h['name']!r} (dataset "
+                        f"{d['name']!r}) takes no argument {key!r}{suggest(str(key), takes)}; it "
+                        f"takes {', '.join(takes) or 'none'}")
             for key in COLUMN_ARGUMENTS:
                 if key in args:
                     if handler.kind != "dataset":
@@ -276,8 +288,11 @@ class Prepared:
 
 
 def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_template, where: str,
-               used: list[str] | None = None):
-    """Run one handler step; a chat template given to it is appended to ``used``."""
+               used: list[str] | None = None, origins: Origins | None = None):
+    """Run one handler step; a chat template given to it is appended to ``used``. A record
+    the handler refuses (:class:`~.loading.RecordError`) is named by its file and line from
+    the dataset's :data:`~.loading.ROW` column and ``origins``; the handler never sees that
+    column."""
     handler = registry.get(step.name, where)
     kwargs = dict(step.fn_kwargs)
     if handler.accepts("tokenizer"):
@@ -295,19 +310,57 @@ def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_templ
         log.warning("%s: remove_columns does not apply to %s (a %s handler); ignored, as "
                     "fms-hf-tuning does", where, step.name, handler.kind)
     if handler.kind == "dataset":
+        if handler.fn not in KEEP_ROW and ROW in _raw_columns(ds):
+            ds = ds.remove_columns([ROW])
         return handler.fn(ds, **kwargs)
+    fn = Located(handler.fn, origins, where)
     if handler.kind == "filter":
-        return ds.filter(handler.fn, fn_kwargs=kwargs, batched=batched,
+        return ds.filter(fn, fn_kwargs=kwargs, batched=batched,
                          batch_size=step.batch_size, **_proc(ds, step))
     remove = step.remove_columns
-    if remove == "all":
-        remove = columns(ds)
+    if remove:
+        raw = _raw_columns(ds)
+        visible = [c for c in raw if c != ROW]
+        remove = visible if remove == "all" else [remove] if isinstance(remove, str) else \
+            list(remove)
+        if ROW in raw and set(visible) <= set(remove):
+            # the handler may change the number of rows: the row numbers go with the columns
+            remove.append(ROW)
     if batched and _plain_dataset(ds):
         return ds.with_format("arrow").map(
-            ArrowBatches(handler.fn, remove or [], where), fn_kwargs=kwargs, batched=True,
-            batch_size=step.batch_size, **_proc(ds, step)).with_format(None)
-    return ds.map(handler.fn, fn_kwargs=kwargs, batched=batched, batch_size=step.batch_size,
+            ArrowBatches(handler.fn, remove or [], where, origins, ds.features),
+            fn_kwargs=kwargs,
+            batched=True, batch_size=step.batch_size, **_proc(ds, step)).with_format(None)
+    return ds.map(fn, fn_kwargs=kwargs, batched=batched, batch_size=step.batch_size,
                   remove_columns=remove, **_proc(ds, step))
+
+
+def locate(error: RecordError, row, origins: Origins | None, where: str) -> DataError:
+    """``error`` as one line naming the record's file and line (``row``: its number from the
+    :data:`~.loading.ROW` column, None when unknown); else the dataset and handler."""
+    place = origins.where(int(row)) if origins is not None and row is not None else None
+    return DataError(f"{place}: {error.problem}" if place else f"{where}: {error}")
+
+
+class Located:
+    """A map or filter handler run through ``Dataset.map``/``filter``: called without the
+    :data:`~.loading.ROW` column, its :class:`~.loading.RecordError` located (see
+    :func:`locate`). Batched or not: a batch's ROW is a list, a record's a number."""
+
+    def __init__(self, fn, origins: Origins | None, where: str) -> None:
+        self.fn, self.origins, self.where = fn, origins, where
+
+    def __call__(self, data, *args, **kwargs):
+        rows = None
+        if isinstance(data, Mapping) and ROW in data:  # a dict, or datasets' lazy batch/row
+            rows = data[ROW]
+            data = {k: data[k] for k in data if k != ROW}
+        try:
+            return self.fn(data, *args, **kwargs)
+        except RecordError as e:
+            row = rows[e.index] if isinstance(rows, list) and e.index < len(rows) else (
+                None if isinstance(rows, list) else rows)
+            raise locate(e, row, self.origins, self.where) from None
 
 
 def _plain_dataset(ds) -> bool:
@@ -326,14 +379,31 @@ class ArrowBatches:
     of ``fmtune preprocess``. Other columns get the types ``Dataset.map`` gives them.
     """
 
-    def __init__(self, fn, remove: list[str], where: str) -> None:
-        self.fn, self.remove, self.where = fn, set(remove), where
+    def __init__(self, fn, remove: list[str], where: str, origins: Origins | None = None,
+                 features=None) -> None:
+        self.fn, self.remove, self.where, self.origins = fn, set(remove), where, origins
+        # columns stored encoded (datasets' Json type for a JSON field of mixed types: "b" is
+        # stored as '"b"') are decoded as Dataset.map decodes them
+        from datasets.features.features import require_decoding
+
+        self.features = features if features is not None and any(
+            require_decoding(f) for f in features.values()) else None
 
     def __call__(self, table, **kwargs):
         import pyarrow as pa
         from datasets.arrow_writer import OptimizedTypedSequence
 
-        out = self.fn(table.to_pydict(), **kwargs)
+        rows = table.column(ROW) if ROW in table.column_names else None
+        if rows is not None:  # the handler never sees fmtune's row numbers
+            table = table.drop_columns([ROW])
+        batch = table.to_pydict()
+        if self.features is not None:
+            batch = self.features.decode_batch(batch)
+        try:
+            out = self.fn(batch, **kwargs)
+        except RecordError as e:
+            row = rows[e.index].as_py() if rows is not None and e.index < len(rows) else None
+            raise locate(e, row, self.origins, self.where) from None
         if out is None:  # side effects only: the batch is unchanged (minus removed columns)
             out = {}
         if not isinstance(out, dict):
@@ -353,7 +423,10 @@ class ArrowBatches:
                             "remove the input columns (remove_columns: all)")
         names = [c for c in table.column_names if c not in self.remove]
         names += [c for c in columns if c not in names]  # Dataset.map's column order
-        return pa.table({c: columns[c] if c in columns else table[c] for c in names})
+        out = {c: columns[c] if c in columns else table[c] for c in names}
+        if rows is not None and ROW not in self.remove and sizes <= {table.num_rows}:
+            out[ROW] = rows
+        return pa.table(out)
 
 
 def _arrow_backed(values) -> bool:
@@ -375,9 +448,7 @@ def _proc(ds, step: Step) -> dict:
 
 def _finish(ds, name: str, counts: dict[str, int], streaming: bool):
     """Count statuses, drop dropped rows, keep only the token columns."""
-    cols = list(ds.column_names or [])
-    if not cols and streaming:  # a stream may not know its columns before the first row
-        cols = list(next(iter(ds.take(1)), {}).keys())
+    cols = [c for c in _raw_columns(ds) if c != ROW]
     if "input_ids" not in cols:
         raise DataError(f"{name}: after the data handlers there is no input_ids column "
                         f"(columns: {cols}); add a tokenizing handler")
@@ -406,10 +477,15 @@ def _finish(ds, name: str, counts: dict[str, int], streaming: bool):
     return ds.select_columns(keep)
 
 
-def columns(ds) -> list[str]:
-    """A dataset's columns; a stream may only know them from its first row."""
+def _raw_columns(ds) -> list[str]:
     cols = list(ds.column_names or [])
     return cols or list(next(iter(ds.take(1)), {}).keys())
+
+
+def columns(ds) -> list[str]:
+    """A dataset's columns (not fmtune's row numbers); a stream may only know them from its
+    first row."""
+    return [c for c in _raw_columns(ds) if c != ROW]
 
 
 def split_dataset(ds, spec: DatasetSpec, dc: DataConfig) -> dict[str, Any]:
@@ -448,12 +524,13 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
                                  f"({step.name})")
     valids, counts, used = [], {"train": {}, "validation": {}}, []
 
-    def run_steps(spec: DatasetSpec, ds):
+    def run_steps(spec: DatasetSpec, ds, origins: Origins):
         flags = dc.source == "flags"
         steps = steps_from_flags(config, columns(ds)) if flags else spec.steps
         for k, step in enumerate(steps):
             ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
-                            f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]", used)
+                            f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]", used,
+                            origins)
         if not flags and "input_ids" not in columns(ds):
             # fms-hf-tuning's chain: handlers that only format text, then the trainer
             # tokenizes dataset_text_field (with response/instruction templates)
@@ -466,23 +543,26 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
                      spec.name, ", ".join(s.name for s in more))
             for k, step in enumerate(more):
                 ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
-                                f"{dc.source}: datasets[{spec.name}]: {step.name}", used)
+                                f"{dc.source}: datasets[{spec.name}]: {step.name}", used,
+                                origins)
         return ds
 
     train_parts = []
     for spec in dc.datasets:
-        ds = load_paths(spec.data_paths, spec.builder, dc.streaming, spec.split_name)
+        origins = Origins()
+        ds = load_paths(spec.data_paths, spec.builder, dc.streaming, spec.split_name, origins)
         parts = split_dataset(ds, spec, dc)
         if "validation" in parts:
-            valids.append(_finish(run_steps(spec, parts["validation"]), spec.name,
+            valids.append(_finish(run_steps(spec, parts["validation"], origins), spec.name,
                                   counts["validation"], dc.streaming))
         if "train" in parts:
-            train_parts.append((spec, _finish(run_steps(spec, parts["train"]), spec.name,
-                                              counts["train"], dc.streaming)))
+            train_parts.append((spec, _finish(run_steps(spec, parts["train"], origins),
+                                              spec.name, counts["train"], dc.streaming)))
 
     if validation_paths:
-        spec = DatasetSpec("validation_data", split_paths(validation_paths))
-        valids.append(_finish(run_steps(spec, load_paths(spec.data_paths)), "validation_data",
+        spec, origins = DatasetSpec("validation_data", split_paths(validation_paths)), Origins()
+        ds = load_paths(spec.data_paths, origins=origins)
+        valids.append(_finish(run_steps(spec, ds, origins), "validation_data",
                               counts["validation"], dc.streaming))
 
     trains = [ds for _, ds in train_parts]
