@@ -250,7 +250,7 @@ def plan_rerun(config: Config, record: dict[str, Any]) -> Rerun:
         where = f"an unfinished run (newest checkpoint {os.path.basename(checkpoint)})"
     length = _length(record["config"])
     redo = (f"use a new --output_dir, or --resume_from_checkpoint false to start over in {out} "
-            "(deleting its checkpoints)")
+            "(deleting its checkpoints; --overwrite_output_dir does the same)")
     if old is None:
         log.warning("%s has no %s (a run by an older fmtune): its options cannot be compared "
                     "with this run's", out, RECORD_FILE)
