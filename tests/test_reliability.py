@@ -473,7 +473,7 @@ case(G, "yaml-top-list", "a list at the top level", lambda w: run_yaml(w, "- lea
      "<tmp>/run.yaml: the top level must be a mapping of option: value")
 case(G, "yaml-latin1", "a config file in latin-1",
      lambda w: ["train", "--config", w.file("run.yaml", "run_name: café\n".encode("latin-1"))],
-     "<tmp>/run.yaml: line 1 not UTF-8 text")
+     "<tmp>/run.yaml:1: not UTF-8 text")
 case(G, "yaml-syntax", "an unclosed list", lambda w: run_yaml(w, "target_modules: [q_proj\n"),
      "<tmp>/run.yaml: line 2 invalid YAML")
 case(G, "yaml-missing", "--config naming no file",

@@ -311,13 +311,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
-    raw = p.read_bytes()
+    from .files import decode_utf8
+
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}: line {line} not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                          f"offset {e.start}); convert the file to UTF-8") from None
+        text = decode_utf8(p.read_bytes(), path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         data = load_yaml_text(text)
     except yaml.YAMLError as e:

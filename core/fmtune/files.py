@@ -49,6 +49,17 @@ def folder_problem(path: str) -> str | None:
     return None
 
 
+def decode_utf8(raw: bytes, path: Any) -> str:
+    """``raw`` (a file's bytes) as text; bytes that are not UTF-8 raise ValueError with the
+    one-line message ``PATH:LINE: not UTF-8 text (byte 0xNN at offset N); convert ...``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start}); convert the file to UTF-8") from None
+
+
 def read_json_object(path: str) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing, unreadable or not an object."""
     try:

@@ -104,14 +104,14 @@ def read_prompts(path: str) -> list[str]:
     """
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: text file not found")
+    from .files import decode_utf8
+
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                          f"{e.start}); convert the file to UTF-8") from None
+        text = decode_utf8(raw, path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     def one(item: Any, where: str) -> str:
         if isinstance(item, dict):

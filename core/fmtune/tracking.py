@@ -128,6 +128,20 @@ class TrackerGuard:
             raise TrackerError(one_line(error)) from error
         return future.result()
 
+    def open_or_refuse(self, fn: Callable, run: Any, where: str) -> Any:
+        """:meth:`start` ``fn(run)`` at the run's step; a failure is the user's one-line
+        ConfigError (the tracker's own, or "NAME: cannot open a run in WHERE: why") and the
+        guard is finished. Setup stays strict: only mid-run failures are tolerated."""
+        from .config import ConfigError
+
+        try:
+            return self.start(fn, run, step=run.state.global_step)
+        except TrackerError as e:
+            self.finish()
+            if isinstance(e.__cause__, ConfigError):
+                raise e.__cause__ from None
+            raise ConfigError(f"{self.name}: cannot open a run in {where}: {e}") from e
+
     def submit(self, fn: Callable, *args: Any, step: int | None = None, **kwargs: Any) -> bool:
         """Queue ``fn(*args, **kwargs)``; return at once (False when the tracker is
         disabled). Pass copies of anything the caller changes afterwards."""

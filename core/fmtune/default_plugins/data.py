@@ -27,6 +27,7 @@ from typing import Any
 
 from fmtune import hookimpl
 from fmtune.config import ConfigError
+from fmtune.files import decode_utf8
 from fmtune.truncation import char_budget, cut
 
 log = logging.getLogger("fmtune")
@@ -57,13 +58,10 @@ def read_records(path: str) -> list[dict[str, Any]]:
         raise DataError(f"{path}: the core reads JSON and JSONL records only; a {p.suffix} file "
                         "needs a data plugin that reads it (`fmtune plugins` lists the installed "
                         "ones; the data plugin a file type asks for is activated when installed)")
-    raw = p.read_bytes()
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                        f"{e.start}); convert the file to UTF-8") from None
+        text = decode_utf8(p.read_bytes(), path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     records = Records()
     records.path = str(path)
     if p.suffix == ".json" and text.lstrip().startswith("["):

@@ -51,8 +51,7 @@ from typing import Any
 
 from fmtune import hookimpl
 from fmtune.files import read_json_object, write_json
-from fmtune.config import ConfigError
-from fmtune.tracking import TrackerError, TrackerGuard
+from fmtune.tracking import TrackerGuard
 
 log = logging.getLogger("fmtune")
 
@@ -177,13 +176,7 @@ class _AimTracker:
         self.state_path = os.path.join(run.output_dir, STATE_FILE)
         self.aim_run = None
         self.guard = TrackerGuard("aim", config.aim_timeout_s)
-        try:
-            self.guard.start(self.open_run, run, step=run.state.global_step)
-        except TrackerError as e:
-            self.guard.finish()
-            if isinstance(e.__cause__, ConfigError):
-                raise e.__cause__ from None
-            raise ConfigError(f"aim: cannot open a run in {self.location}: {e}") from e
+        self.guard.open_or_refuse(self.open_run, run, self.location)
 
     def open_run(self, run) -> None:
         """Open (or reopen) the aim run; on the guard's thread."""

@@ -53,7 +53,7 @@ from urllib.parse import unquote, urlparse
 from fmtune import hookimpl
 from fmtune.files import folder_problem, read_json_object, write_json
 from fmtune.config import ConfigError
-from fmtune.tracking import TrackerError, TrackerGuard
+from fmtune.tracking import TrackerGuard
 
 log = logging.getLogger("fmtune")
 
@@ -212,13 +212,7 @@ class _MlflowTracker:
         self.progress_step: dict[str, int] = {}
         self.run_id: str | None = None
         self.guard = TrackerGuard("mlflow", config.mlflow_timeout_s)
-        try:
-            self.guard.start(self.open_run, run, step=run.state.global_step)
-        except TrackerError as e:
-            self.guard.finish()
-            if isinstance(e.__cause__, ConfigError):
-                raise e.__cause__ from None
-            raise ConfigError(f"mlflow: cannot open a run at {self.uri}: {e}") from e
+        self.guard.open_or_refuse(self.open_run, run, self.uri)
 
     def open_run(self, run) -> None:
         """Open (or reopen) the MLflow run; on the guard's thread."""
