@@ -229,16 +229,28 @@ def _read(path: str, what: str) -> tuple[str, str]:
 def problem(template: str) -> str | None:
     """Why ``template`` does not compile in transformers' chat-template environment (its
     ``{% generation %}`` tag, loop controls, sandbox), as one line; None when it compiles."""
-    import jinja2
-
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template as compile_
     except ImportError:  # a transformers without it: apply_chat_template reports at render
         return None
     try:
         compile_(template)
-    except jinja2.TemplateSyntaxError as e:
-        return f"invalid Jinja (line {e.lineno}): {' '.join(str(e.message).split())}"
-    except jinja2.TemplateError as e:
-        return f"invalid Jinja: {' '.join(str(e).split())}"
+    except Exception as e:  # noqa: BLE001 - TemplateSyntaxError and the sandbox's errors
+        return template_error(e)
     return None
+
+
+def template_error(error: BaseException) -> str:
+    """One line for an error Jinja raised compiling or rendering a chat template."""
+    import jinja2
+
+    first = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return f"invalid Jinja (line {error.lineno}): {first}"
+    if isinstance(error, jinja2.exceptions.SecurityError):
+        return f"refused by the Jinja sandbox: {first}"
+    if isinstance(error, jinja2.UndefinedError):
+        return f"undefined name: {first}"
+    if isinstance(error, jinja2.TemplateError):
+        return f"the template raised an error: {first}"
+    return f"{type(error).__name__}: {first}"

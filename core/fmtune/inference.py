@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from . import chat_templates
+from .chat_templates import template_error
 from .config import ConfigError
 
 
@@ -176,29 +178,7 @@ def chat_template_problem(template: str) -> str | None:
     as ``apply_chat_template`` compiles it), or None. Cheap: no torch, no rendering."""
     if not isinstance(template, str):
         return f"must be a string, got {type(template).__name__}"
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    try:
-        _compile_jinja_template(template)
-    except Exception as e:  # noqa: BLE001 - TemplateSyntaxError, or an import problem
-        return template_error(e)
-    return None
-
-
-def template_error(error: BaseException) -> str:
-    """One line for an error Jinja raised compiling or rendering a chat template."""
-    import jinja2
-
-    first = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, jinja2.TemplateSyntaxError):
-        return f"invalid Jinja (line {error.lineno}): {first}"
-    if isinstance(error, jinja2.exceptions.SecurityError):
-        return f"refused by the Jinja sandbox: {first}"
-    if isinstance(error, jinja2.UndefinedError):
-        return f"undefined name: {first}"
-    if isinstance(error, jinja2.TemplateError):
-        return f"the template raised an error: {first}"
-    return f"{type(error).__name__}: {first}"
+    return chat_templates.problem(template)
 
 
 def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int = 64,

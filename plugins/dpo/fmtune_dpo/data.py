@@ -112,7 +112,7 @@ def tokenize_record(tokenizer, chat: bool, values: dict[str, Any], chat_template
 
         if not isinstance(e, jinja2.TemplateError):
             raise
-        from fmtune.inference import template_error
+        from fmtune.chat_templates import template_error
 
         what = "--chat_template" if chat_template is not None else "the tokenizer's chat template"
         raise DataError(f"{where}: {what}: {template_error(e)}") from None
