@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
-import os
 import weakref
 from dataclasses import dataclass
 from importlib import metadata
@@ -170,11 +169,10 @@ def _chat_records(given: list[tuple[str, list]]) -> list[tuple[str, list]]:
         with open(paths[0], encoding="utf-8") as f:
             if str(paths[0]).lower().endswith(".jsonl"):
                 first = json.loads(next((line for line in f if line.strip()), "null"))
-            elif os.path.getsize(paths[0]) < 64 * 1024 * 1024:
-                data = json.load(f)
-                first = data[0] if isinstance(data, list) and data else None
-            else:
-                return []
+            else:  # a JSON list: only its first element is decoded, from the file's head
+                head = f.read(1 << 20).lstrip()
+                first = json.JSONDecoder().raw_decode(head[1:].lstrip())[0] \
+                    if head.startswith("[") else None
     except (OSError, ValueError, UnicodeDecodeError):
         return []  # the data checks report it
     if not isinstance(first, dict) or "input" in first:
