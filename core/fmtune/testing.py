@@ -165,6 +165,36 @@ def train_argv(model: str, data: str, out: str | os.PathLike, *extra: str) -> li
             "--seed", "0", *extra]
 
 
+class AtStep:
+    """An in-test plugin: at the end of step ``step`` (before it is logged), once
+    ``ready(run)`` returned true (e.g. a tracker's guard drained), runs ``action()``: a fault
+    injected mid-run (a tracker's store deleted, its server stopped)."""
+
+    def __init__(self, step: int, action, ready=lambda run: True) -> None:
+        self.step, self.action, self.ready = step, action, ready
+
+    @hookimpl
+    def on_step(self, run):
+        if run.state.global_step == self.step:
+            assert self.ready(run), "not ready before the fault"
+            self.action()
+
+
+def writes_despite_read_only(folder: str | os.PathLike) -> bool:
+    """Whether this process writes into read-only folders anyway (root with CAP_DAC_OVERRIDE;
+    ``setpriv --bounding-set -dac_override`` runs tests as a root that cannot)."""
+    probe = Path(folder) / "read-only-probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        (probe / "x").touch()
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.chmod(0o755)
+
+
 class NotRankZero:
     """An in-test plugin: this process looks like rank 1 of a multi-process run to the hooks
     that run after the trainer is built (``run.is_main_process`` is False)."""

@@ -14,8 +14,7 @@ from importlib import metadata
 
 import pytest
 
-from fmtune import hookimpl
-from fmtune.testing import NotRankZero, run_cli, write_jsonl
+from fmtune.testing import AtStep, NotRankZero, run_cli, write_jsonl, writes_despite_read_only
 
 RECORDS = [
     {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
@@ -295,36 +294,11 @@ def lose(repo_dir, how):
             repo_dir.write_text("not a repository any more")
 
 
-class LoseAt:
-    """An in-test plugin: at the end of step ``step`` (before it is logged) and once the
-    tracker has sent what it had, runs ``fault()``."""
+def LoseAt(step, fault):
+    """At the end of step ``step``, once the tracker has sent what it had, run ``fault()``."""
+    import fmtune_aim
 
-    def __init__(self, step, fault):
-        self.step, self.fault = step, fault
-
-    @hookimpl
-    def on_step(self, run):
-        if run.state.global_step == self.step:
-            import fmtune_aim
-
-            assert fmtune_aim._open_runs[run].guard.drain(30)  # step 1 is in aim
-            self.fault()
-
-
-def read_only_is_writable(tmp_path):
-    """Whether this process writes into read-only folders anyway (root with
-    CAP_DAC_OVERRIDE); `setpriv --bounding-set -dac_override` runs the tests as a root
-    that cannot."""
-    probe = tmp_path / "read-only-probe"
-    probe.mkdir()
-    probe.chmod(0o555)
-    try:
-        (probe / "x").touch()
-        return True
-    except PermissionError:
-        return False
-    finally:
-        probe.chmod(0o755)
+    return AtStep(step, fault, ready=lambda run: fmtune_aim._open_runs[run].guard.drain(30))
 
 
 def summary_of(out):
@@ -334,11 +308,11 @@ def summary_of(out):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("how", ["deleted", "replaced by a file", "read-only"])
 def test_a_repository_lost_mid_run_does_not_stop_training(fmtune_tiny_model, tmp_path, how):
-    if how == "read-only" and read_only_is_writable(tmp_path):
+    if how == "read-only" and writes_despite_read_only(tmp_path):
         pytest.skip("this user writes to read-only folders (root): the other faults stand in for it")
     out, repo_dir = tmp_path / "out", tmp_path / "aimrepo"
     res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "6",
-                             "--aim_repo", str(repo_dir), "--aim_timeout_s", "5"),
+                             "--aim_repo", str(repo_dir), "--aim_timeout_s", "30"),
                   plugins=[LoseAt(2, lambda: lose(repo_dir, how))])
     assert res.exit_code == 0, res.stderr
     if how == "read-only":

@@ -10,7 +10,7 @@ from importlib import metadata
 import pytest
 
 from fmtune import hookimpl
-from fmtune.testing import NotRankZero, run_cli, write_jsonl
+from fmtune.testing import AtStep, NotRankZero, run_cli, write_jsonl, writes_despite_read_only
 
 RECORDS = [
     {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
@@ -181,36 +181,11 @@ def test_failed_training_marks_the_mlflow_run_failed(fmtune_tiny_model, tmp_path
 # ------------------------------------------------------- losing the tracker mid-run
 
 
-class LoseAt:
-    """An in-test plugin: at the end of step ``step`` (before it is logged) and once the
-    tracker has sent what it had, runs ``fault()``."""
+def LoseAt(step, fault):
+    """At the end of step ``step``, once the tracker has sent what it had, run ``fault()``."""
+    import fmtune_mlflow
 
-    def __init__(self, step, fault):
-        self.step, self.fault = step, fault
-
-    @hookimpl
-    def on_step(self, run):
-        if run.state.global_step == self.step:
-            import fmtune_mlflow
-
-            assert fmtune_mlflow._open_runs[run].guard.drain(30)  # step 1 is in MLflow
-            self.fault()
-
-
-def read_only_is_writable(tmp_path):
-    """Whether this process writes into read-only folders anyway (root with
-    CAP_DAC_OVERRIDE); `setpriv --bounding-set -dac_override` runs the tests as a root
-    that cannot."""
-    probe = tmp_path / "read-only-probe"
-    probe.mkdir()
-    probe.chmod(0o555)
-    try:
-        (probe / "x").touch()
-        return True
-    except PermissionError:
-        return False
-    finally:
-        probe.chmod(0o755)
+    return AtStep(step, fault, ready=lambda run: fmtune_mlflow._open_runs[run].guard.drain(30))
 
 
 def summary_of(out):
@@ -404,7 +379,7 @@ def test_a_file_store_lost_mid_run_does_not_stop_training(fmtune_tiny_model, tmp
     import shutil
     import subprocess
 
-    if how == "read-only" and read_only_is_writable(tmp_path):
+    if how == "read-only" and writes_despite_read_only(tmp_path):
         pytest.skip("this user writes to read-only folders (root): the deleted store stands in for it")
     out, store = tmp_path / "out", tmp_path / "mlruns"
 
