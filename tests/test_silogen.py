@@ -372,6 +372,17 @@ def test_sft_trains_qlora_with_mlflow(tmp_path, monkeypatch):
     assert summary["gradient_accumulation_steps"] == 2
     assert (out / "mlflow_tracker.json").is_file() and mlruns.is_dir()
     assert not [p for p in os.listdir(tmp_path) if p.startswith("fmtune-silogen")]
+    # Silogen's generate with the trained adapter folder as model_conf.model (its chat-ml
+    # tokens were added in training): loaded over its base with the embeddings fitted
+    gen, answers = tmp_path / "gen.yaml", tmp_path / "answers.yaml"
+    gen.write_text(yaml.safe_dump({
+        "model_conf": {"model": str(final)},
+        "prompt_conf": {"type": "open-input", "input": "translate: the red cat sees a dog =",
+                        "num_samples": 1},
+        "hf_gen_params": {"max_new_tokens": 4, "do_sample": False}}))
+    assert silogen.cmd_generate([str(gen), str(answers)]) == 0
+    record = yaml.safe_load(answers.read_text())[0]
+    assert record["prompt"] == "translate: the red cat sees a dog =" and "answer" in record
 
 
 def test_dpo_trains_lora_on_silogen_preference_records(tmp_path):

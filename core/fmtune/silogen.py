@@ -1024,20 +1024,28 @@ def _load_generation_model(p: GenPlan, tokenizer: Any, where: str):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(**p.quant)
+    base, adapter = p.model, p.adapter
+    if adapter is None:  # model_conf.model is an adapter folder: its base, then the adapter
+        from .files import read_json_object
+
+        named = (read_json_object(os.path.join(p.model, "adapter_config.json")) or {}).get(
+            "base_model_name_or_path")
+        if named:
+            base, adapter = named, p.model
     with contextlib.redirect_stdout(sys.stderr):  # loaders' banners stay off stdout
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, p.model, "model",
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, base, "model",
                                 trust_remote_code=p.trust_remote_code, **kwargs)
-        if p.adapter is not None:
+        if adapter is not None:
             from peft import PeftModel
 
             fit_to_tokenizer(model, tokenizer)  # an adapter trained with added tokens
             try:
                 with without_unused_gptqmodel(quant_method(model)):
-                    model = PeftModel.from_pretrained(model, p.adapter, is_trainable=False)
+                    model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
             except (OSError, ValueError, RuntimeError, IndexError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"{where}: model_conf.adapter: {p.adapter} cannot be loaded "
-                                  f"over {p.model}: {first}") from None
+                raise ConfigError(f"{where}: model_conf.adapter: {adapter} cannot be loaded "
+                                  f"over {base}: {first}") from None
     model.eval()
     return model
 
