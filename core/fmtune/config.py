@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from .stash import Stash
+
 
 class ConfigError(Exception):
     """A problem with the user's config or flags; the CLI prints it and exits 2."""
@@ -200,6 +202,8 @@ class Config:
         object.__setattr__(self, "_sources", dict(sources))
         object.__setattr__(self, "plugins", list(plugins))
         object.__setattr__(self, "config_file", config_file)
+        # per-run plugin state (fmtune.stash): lives and dies with this run's config
+        object.__setattr__(self, "stash", Stash())
 
     def __getattr__(self, name: str) -> Any:
         try:
