@@ -1,5 +1,6 @@
 # make demo: build .venv (if needed) and run the embedded quickstart, printing accuracy before/after.
 # make test: build .venv (if needed) and run the whole test suite.
+# make lint: ruff (whole repository) and mypy (the core's plugin contract).
 # Both work on a fresh machine with only Python 3.11 and pip, and install exactly the tested
 # set of packages: every install goes through requirements/lock.txt (pip --constraint).
 # make lock: re-resolve the newest versions the pyproject ranges allow and write them to the lock.
@@ -15,7 +16,7 @@ PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml
 EDITABLES := -e '.[test]' $(foreach p,$(PLUGIN_DIRS),-e $(p))
 DEMO_DIR ?= runs/quickstart
 
-.PHONY: demo test packaging venv bench clean lock test-latest latest-venv
+.PHONY: demo test lint packaging venv bench clean lock test-latest latest-venv
 
 venv: $(STAMP)
 
@@ -33,6 +34,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff on the whole repository, mypy on the core's plugin contract (hookspecs, plugins,
+# config, stash); both configured in pyproject.toml, both pinned in the lock
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # each plugin's wheel installed alone with the core's wheel in a clean virtualenv: listed by
 # `fmtune plugins`, passing its own tests there (slow: minutes per plugin)

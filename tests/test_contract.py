@@ -9,18 +9,32 @@ import pytest
 from datasets import Dataset
 
 from fmtune import hookimpl, hookspecs
+from fmtune.hookspecs import hookspec
 from fmtune.plugins import hook_names
 from fmtune.testing import run_cli, write_jsonl
 
-# Hooks the core itself calls; the PLUGIN_CALLED ones are tested by the plugins that call them.
-ALL_HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "fmtune_spec")
-                   and n not in hookspecs.PLUGIN_CALLED)
+# The core's hooks (plugin-owned hooks are tested by the plugins that define them).
+ALL_HOOKS = sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "fmtune_spec"))
+
+
+class ContractSpecs:
+    """A hook spec an in-test plugin adds through ``add_hookspecs``."""
+
+    @staticmethod
+    @hookspec
+    def contract_widgets(register):
+        """``register(name, obj)``."""
 
 
 class Everything:
     def __init__(self, model_dir):
         self.model_dir = model_dir
         self.seen: dict[str, object] = {}
+
+    @hookimpl
+    def add_hookspecs(self, pluginmanager):
+        pluginmanager.add_hookspecs(ContractSpecs)
+        self.seen["add_hookspecs"] = pluginmanager.hook.contract_widgets.has_spec()
 
     @hookimpl
     def add_options(self, register):
@@ -138,6 +152,7 @@ def test_every_hook_takes_effect(fmtune_tiny_model, tmp_path):
                   plugins=[plugin])
     assert res.exit_code == 0, res.stderr
     seen = plugin.seen
+    assert seen["add_hookspecs"] is True
     assert seen["validate_config"] == 4 and seen["train_rows"] == 4
     assert seen["save"] == "ContractTrainer"
     assert seen["on_train_begin"] == 0 and seen["on_step"] == [1, 2, 3]

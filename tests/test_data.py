@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fmtune.cli import load_config
-from fmtune.default_plugins.data import DataError, build_dataset
+from fmtune.records import DataError, build_dataset
 from fmtune.testing import write_jsonl
 
 IGNORE = -100
@@ -123,7 +123,7 @@ def test_json_array_file(tmp_path, tok):
 
 
 def test_non_utf8_and_binary_files_are_one_line_errors(tmp_path):
-    from fmtune.default_plugins.data import read_records
+    from fmtune.records import read_records
 
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "caf\xe9", "output": "b"}\n')

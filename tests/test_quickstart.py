@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fmtune.cli import load_config
-from fmtune.default_plugins.data import read_records
+from fmtune.records import read_records
 from fmtune.inference import exact_match, load_for_inference
 from fmtune.testing import run_cli
 

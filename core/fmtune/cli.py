@@ -14,6 +14,8 @@ import sys
 import textwrap
 from typing import Any
 
+import pluggy
+
 from . import __version__
 from .config import (CommandParser, ConfigError, OptionRegistry, Sources, parse_cli_flags,
                      read_yaml, resolve)
@@ -33,6 +35,7 @@ commands:
   evaluate    exact-match accuracy of greedy outputs on input/output records
   plot        redraw OUTPUT_DIR/loss.png from its training_logs.jsonl
   plugins     list installed plugins, their versions and hooks
+  new-plugin  write a new plugin distribution with a passing test (fmtune new-plugin NAME)
   sft         run a Silogen `finetuning sft` experiment config (fmtune sft CONFIG.yaml)
   dpo         run a Silogen `finetuning dpo` experiment config (fmtune dpo CONFIG.yaml)
 
@@ -93,9 +96,15 @@ def _split_train_argv(argv: list[str]) -> tuple[str | None, str | None, bool, li
 
 
 def registry_for(pm) -> OptionRegistry:
+    """Every active plugin's options (``add_options``), the core's (trylast) first. A wrapper
+    or an implementation that fails is a one-line error naming the plugin."""
     registry = OptionRegistry()
-    for impl in pm.hook.add_options.get_hookimpls():  # core (trylast) first
-        impl.function(registry.register_for(impl.plugin_name))
+
+    def report(message: str) -> None:
+        raise plugin_mod.PluginError(message)
+
+    plugin_mod.call_each(pm, "add_options",
+                         lambda plugin: {"register": registry.register_for(plugin)}, report)
     return registry
 
 
@@ -153,8 +162,14 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
         raise ConfigError("; ".join(missing))
     pm = plugin_mod.new_manager()
     for obj in extra_plugins:
-        pm.register(obj)
+        try:
+            pm.register(obj)
+        except pluggy.PluginValidationError as e:
+            raise plugin_mod.PluginError(plugin_mod.validation_error(pm, e)) from None
     pm = plugin_mod.load(names, pm)
+    # the named plugins and those they need (fmtune_plugins), in registration order
+    activated = plugin_mod.active(pm)
+    names = [*activated, *(n for n in names if n not in activated)]
     registry = registry_for(pm)
     if want_help:
         return None, pm, True, registry
@@ -243,6 +258,8 @@ def cmd_plugins(argv: list[str]) -> int:
             print(f"    warning: failed to load: {row['error']}")
         else:
             print(f"    hooks: {', '.join(row['hooks']) or 'none'}")
+            if row.get("needs"):
+                print(f"    needs: {', '.join(row['needs'])} (activated with it)")
     return 0
 
 
@@ -324,44 +341,153 @@ def cmd_generate(argv: list[str]) -> int:
 def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
     parser = CommandParser(
         prog="fmtune evaluate",
-        description="Exact-match accuracy of greedy outputs on {input, output} JSONL records. "
-                    "Evaluate a trained folder (--model) or the untrained model a config builds "
-                    "(--config, same plugins and options as train).")
+        description="Score greedy outputs on records (--data: exact match, contains or regex; "
+                    "input/output records, or chat records with --chat) and/or run "
+                    "lm-evaluation-harness tasks (--tasks, from the plugin that provides "
+                    "them: pip install fmtune-evaluation). Evaluate a trained folder (--model) "
+                    "or the untrained model a config builds (--config, same plugins and "
+                    "options as train).")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="trained model folder or adapter folder")
     src.add_argument("--config", help="train config: evaluate the model it starts from")
-    parser.add_argument("--data", required=True, help="JSONL file of {input, output} records")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--base_model_name_or_path", help="for an adapter folder: load it over "
+                        "this base model instead of the one its adapter_config.json names")
+    parser.add_argument("--data", help="JSONL file of {input, output} records (chat records "
+                        'with --chat: {"messages": [..., {"role": "assistant", ...}]}, the '
+                        "last turn being the reference answer)")
+    parser.add_argument("--chat", action="store_true", help="--data holds chat records: "
+                        "render the turns before the last with the model's chat template (the "
+                        "one training saved with the tokenizer) or --chat_template, and score "
+                        "the output against the last (assistant) turn")
+    parser.add_argument("--chat_template", help="chat template for --chat instead of the "
+                        "model's: a built-in name, a file, or the Jinja text")
+    parser.add_argument("--metric", default="exact_match", help="for --data: exact_match "
+                        "(default), contains or regex")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="answer length "
+                        "(--data: default 64; --tasks: instead of each generation task's own)")
     parser.add_argument("--show", type=int, default=3, help="print this many predictions")
+    parser.add_argument("--tasks", help="comma-separated lm-eval tasks (task, group or tag "
+                        "names, or task YAML paths): the fmtune-evaluation plugin's own "
+                        "(fmtune_translate, fmtune_translate_mc, fmtune_ifeval), those in "
+                        "--include_path, or lm-eval's")
+    parser.add_argument("--include_path", action="append", help="folder (or file) of lm-eval "
+                        "task YAMLs for --tasks (repeatable)")
+    parser.add_argument("--limit", type=float, help="examples per task (a count, or a "
+                        "fraction below 1)")
+    parser.add_argument("--batch_size", type=int, default=8, help="lm-eval batch size")
+    parser.add_argument("--num_fewshot", type=int, help="few-shot examples per task")
+    parser.add_argument("--ifeval_prompts", help="IFEval prompts file (JSONL in IFEval's "
+                        "format) for --tasks ifeval: read locally, no download")
+    parser.add_argument("--apply_chat_template", action="store_true", help="--tasks: render "
+                        "prompts with the model's chat template (lm-eval's option)")
+    parser.add_argument("--log_samples", action="store_true", help="--tasks: also write each "
+                        "task's samples (samples_TASK.jsonl) to --output_path")
+    parser.add_argument("--output_path", help="folder to write to (atomically): results.json "
+                        "(lm-eval's results JSON), records.json and records.jsonl (--data: "
+                        "the score and one line per record)")
     _trust_flag(parser)
     args, rest = parser.parse_known_args(argv)
-    from .default_plugins.data import read_records
+    import os
 
-    from .inference import check_records
+    from .inference import METRICS, check_metric, check_records, chat_examples
+    from .records import folder_problem, read_records, record_where
 
-    records = read_records(args.data)
-    check_records(records, args.data)  # before any model loads
-    if args.max_new_tokens < 1:
+    if not args.data and not args.tasks:
+        parser.error("one of --data or --tasks is required")
+    if args.chat and not args.data:
+        parser.error("--chat needs --data")
+    if args.chat_template and not args.chat:
+        raise ConfigError("--chat_template needs --chat")
+    if args.metric not in METRICS:
+        parser.error(f"argument --metric: invalid choice: {args.metric!r} (choose from "
+                     f"{', '.join(METRICS)})")
+    if args.log_samples and not (args.tasks and args.output_path):
+        raise ConfigError("--log_samples needs --tasks and --output_path")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.model and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    # everything is checked before any model loads: records, references, template, output
+    prompts = references = records = template = None
+    if args.data:
+        records = read_records(args.data)
+        wheres = [record_where(args.data, r, i) for i, r in enumerate(records)]
+        if args.chat:
+            examples = chat_examples(records, args.data)
+            references = [ref for _, ref in examples]
+            if args.chat_template:
+                from . import chat_templates
+
+                template = chat_templates.resolve(args.chat_template, "--chat_template")
+        else:
+            try:
+                check_records(records, args.data)
+            except ConfigError as e:
+                if "a chat record" in str(e):
+                    raise ConfigError(f"{e}; pass --chat to score chat records") from None
+                raise
+            prompts, references = [r["input"] for r in records], [r["output"] for r in records]
+        check_metric(args.metric, references, wheres)
+    if args.output_path:
+        if args.output_path.endswith(".json") and not os.path.isdir(args.output_path):
+            raise ConfigError(f"--output_path {args.output_path}: give a folder (results.json "
+                              "and the other files are written into it)")
+        why = folder_problem(args.output_path)
+        if why:
+            raise ConfigError(f"--output_path {args.output_path}: {why}")
+    runner = plugin = None
+    if args.tasks:
+        from .inference import task_plugin
+
+        plugin = task_plugin("--tasks")
+        runner = plugin.prepare_tasks(
+            args.tasks, include_path=args.include_path or (), limit=args.limit,
+            batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+            max_new_tokens=args.max_new_tokens, ifeval_prompts=args.ifeval_prompts,
+            apply_chat_template=args.apply_chat_template, log_samples=args.log_samples)
     if args.model:
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         from .inference import load_for_inference
 
-        model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+        model, tokenizer = load_for_inference(args.model, args.trust_remote_code,
+                                              args.base_model_name_or_path)
     else:
+        if args.base_model_name_or_path:
+            raise ConfigError("--base_model_name_or_path goes with --model (an adapter folder)")
         if args.trust_remote_code:
             rest = [*rest, "--trust_remote_code", "true"]
         config, pm, _, _ = load_config(["--config", args.config, *rest], extra_plugins)
         tokenizer = pm.hook.load_tokenizer(config=config)
         model = pm.hook.load_model(config=config, tokenizer=tokenizer).eval()
-    from .inference import exact_match
+    if records is not None:
+        from .inference import render_turns, score
 
-    acc, preds = exact_match(model, tokenizer, records, args.max_new_tokens)
-    for rec, pred in list(zip(records, preds))[: args.show]:
-        shown = pred.strip() if len(pred.strip()) <= 80 else pred.strip()[:77] + "..."
-        print(f"  {rec['input']!r} -> {shown!r} (expected {str(rec['output'])!r})")
-    print(f"exact match: {acc:.3f} ({round(acc * len(records))}/{len(records)})")
+        if args.chat:
+            prompts = render_turns(tokenizer, [turns for turns, _ in examples], template,
+                                   args.model or args.config)
+        acc, preds, hits = score(model, tokenizer, prompts, references, args.metric,
+                                 args.max_new_tokens or 64, add_special_tokens=not args.chat)
+        for i, (pred, ref) in enumerate(list(zip(preds, references))[: args.show]):
+            shown = pred.strip() if len(pred.strip()) <= 80 else pred.strip()[:77] + "..."
+            asked = examples[i][0][-1]["content"] if args.chat else records[i]["input"]
+            print(f"  {asked!r} -> {shown!r} (expected {str(ref)!r})")
+        label = {"exact_match": "exact match"}.get(args.metric, args.metric)
+        print(f"{label}: {acc:.3f} ({sum(hits)}/{len(hits)})")
+        if args.output_path:
+            from .inference import write_record_scores
+
+            write_record_scores(args.output_path, records, references, preds, hits, acc,
+                                data=args.data, model=args.model or args.config,
+                                chat=args.chat, metric=args.metric,
+                                max_new_tokens=args.max_new_tokens or 64)
+    if runner is not None:
+        try:
+            results = runner.run(model, tokenizer)
+            if args.output_path:
+                for path in plugin.write_results(results, args.output_path):
+                    print(f"fmtune: wrote {path}", file=sys.stderr)
+            print(plugin.summary_table(results))
+        finally:
+            runner.close()
     return 0
 
 
@@ -398,8 +524,15 @@ def cmd_silogen_dpo(argv: list[str]) -> int:
     return silogen.cmd("dpo", argv)
 
 
+def cmd_new_plugin(argv: list[str]) -> int:
+    from .scaffold import cmd_new_plugin
+
+    return cmd_new_plugin(argv)
+
+
 COMMANDS = {"train": cmd_train, "plugins": cmd_plugins, "generate": cmd_generate,
-            "evaluate": cmd_evaluate, "plot": cmd_plot, "sft": cmd_sft}
+            "evaluate": cmd_evaluate, "plot": cmd_plot, "sft": cmd_sft,
+            "new-plugin": cmd_new_plugin}
 COMMAND_GROUP = "fmtune.commands"
 
 

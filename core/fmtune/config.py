@@ -48,6 +48,7 @@ class Option:
         if value is None:
             return None
         t = self.type
+        out: Any
         try:
             if t is bool:
                 if isinstance(value, bool):
@@ -206,8 +207,8 @@ class Config:
         object.__setattr__(self, "stash", Stash())
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name]
+        try:  # (via __dict__: pickle and copy look names up before _values is set)
+            return self.__dict__["_values"][name]
         except KeyError:
             raise AttributeError(
                 f"config has no option {name!r} (is the plugin that owns it active?)"
@@ -385,7 +386,7 @@ class Sources:
 
     yaml_values: dict[str, Any] = field(default_factory=dict)
     yaml_path: str | None = None
-    cli_pairs: list[tuple[str, str | None]] = field(default_factory=list)
+    cli_pairs: list[tuple[str, list[str] | None]] = field(default_factory=list)
 
 
 def resolve(registry: OptionRegistry, src: Sources, plugins: list[str],

@@ -22,13 +22,11 @@ import pluggy
 from . import __version__, distributed, runlock
 from .config import Config, ConfigError
 from .files import write_json
+from .hookspecs import CONTROL_FLAGS
 from .plugins import plugin_versions, record_answers
 from .runlock import SUMMARY_FILE
 
 log = logging.getLogger("fmtune")
-
-CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save",
-                 "should_evaluate", "should_log")
 
 
 @dataclass(eq=False)
@@ -184,7 +182,7 @@ def make_callback(run: Run):
 def training_arguments(config: Config):
     from transformers import TrainingArguments
 
-    from .default_plugins.model import resolve_dtype
+    from .models import resolve_dtype
     import torch
 
     dtype = resolve_dtype(config.torch_dtype)
@@ -429,37 +427,62 @@ def train(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
 
 def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
            rerun: runlock.Rerun) -> dict[str, Any]:
-    import torch
-
     start = time.perf_counter()
+    run, args = start_run(config, pm)
+    # Data before the model: bad data fails fast, and a data plugin may add tokens
+    # that the model's embeddings are then resized to.
+    train_ds, eval_ds = load_data(run)
+    if config.get("do_dataprocessing_only"):
+        return dump_datasets(config, train_ds, eval_ds, run.is_main_process)
+    load_model(run)
+    build_trainer(run, args, train_ds, eval_ds)
+    begin_output(run, record, rerun)
+    result, saved = fit_and_save(run)
+    summary = run_summary(run, args, result, saved, record)
+    finish(run, summary, start)
+    return summary
+
+
+def start_run(config: Config, pm: pluggy.PluginManager) -> tuple[Run, Any]:
+    """The :class:`Run` and the training arguments. The training arguments set up the
+    distributed state (process group, rank) before any hook runs: plugins and transformers'
+    loading see the right rank from the start."""
     run = Run(config=config, pm=pm, output_dir=config.output_dir, answered=record_answers(pm))
     distributed.check_launcher(config)
     distributed.setup_process()
-    # The training arguments set up the distributed state (process group, rank) before any
-    # hook runs: plugins and transformers' loading see the right rank from the start.
     args = training_arguments(config)
     run.world_size = args.world_size
     run.is_main_process = args.process_index == 0
     if not run.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the info lines: rank 0's
+    return run, args
 
-    # Data before the model: bad data fails fast, and a data plugin may add tokens
-    # that the model's embeddings are then resized to.
+
+def load_data(run: Run) -> tuple[Any, Any]:
+    """``load_tokenizer`` then ``prepare_data``: ``(train_dataset, eval_dataset)``."""
+    config, pm = run.config, run.pm
     t = time.perf_counter()
     run.tokenizer = _required(pm.hook.load_tokenizer(config=config), "load_tokenizer")
     train_ds, eval_ds = _required(pm.hook.prepare_data(config=config, tokenizer=run.tokenizer, pm=pm),
                                   "prepare_data")
     run.timings["data_prep_s"] = time.perf_counter() - t
-    if config.get("do_dataprocessing_only"):
-        return dump_datasets(config, train_ds, eval_ds, run.is_main_process)
+    return train_ds, eval_ds
 
+
+def load_model(run: Run) -> None:
+    """``load_model`` (timed), then ``wrap_peft`` when a plugin wraps it."""
+    config, pm = run.config, run.pm
     t = time.perf_counter()
     run.model = _required(pm.hook.load_model(config=config, tokenizer=run.tokenizer), "load_model")
     run.timings["model_load_s"] = time.perf_counter() - t
-
     wrapped = pm.hook.wrap_peft(model=run.model, config=config, tokenizer=run.tokenizer)
     if wrapped is not None:
         run.model = wrapped
+
+
+def build_trainer(run: Run, args: Any, train_ds: Any, eval_ds: Any) -> None:
+    """``build_collator`` and ``build_trainer`` (with the hook callback)."""
+    config, pm = run.config, run.pm
     collator = _required(pm.hook.build_collator(tokenizer=run.tokenizer, config=config),
                          "build_collator")
     distributed.prepare_fsdp(run.model)  # FSDP: the decoder layer class to wrap, if unset
@@ -469,13 +492,24 @@ def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
         callbacks=[make_callback(run)]), "build_trainer")
     run.is_main_process = run.trainer.is_world_process_zero()
     run.state = run.trainer.state
-    os.makedirs(config.output_dir, exist_ok=True)  # after every check and the trainer's build
 
+
+def begin_output(run: Run, record: dict[str, Any], rerun: runlock.Rerun) -> None:
+    """output_dir is created (after every check and the trainer's build); the main process
+    clears a previous run on start-over and writes fmtune_config.json."""
+    os.makedirs(run.config.output_dir, exist_ok=True)
     run.resumed_from = rerun.resume_from
     if run.resumed_from:
         log.info("resuming from %s", run.resumed_from)
-    if run.is_main_process:  # clears a previous run on start-over, writes fmtune_config.json
-        runlock.begin(config, record, rerun)
+    if run.is_main_process:
+        runlock.begin(run.config, record, rerun)
+
+
+def fit_and_save(run: Run) -> tuple[Any, Any]:
+    """Train (stopping on a signal or a diverged loss: the exceptions say where the last
+    checkpoint is), then ``save``; ``(train_output, saved_path)``. Any failure is reported to
+    the ``on_train_error`` hooks and re-raised."""
+    config = run.config
     t = time.perf_counter()
     save_dir = config.save_model_dir or config.output_dir
     try:
@@ -495,41 +529,27 @@ def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
                 + (f"; the last checkpoint before it is {kept}" if kept else "")
                 + " (lower --learning_rate, or --stop_on_nonfinite_loss false to go on)")
         distributed.full_state_dict_for_final_save(run.trainer)  # FSDP: gather, on every rank
-        saved = pm.hook.save(model=run.trainer.model, tokenizer=run.tokenizer,
-                             output_dir=save_dir, config=config, trainer=run.trainer)
+        saved = run.pm.hook.save(model=run.trainer.model, tokenizer=run.tokenizer,
+                                 output_dir=save_dir, config=config, trainer=run.trainer)
     except BaseException as error:
         report_error(run, error)
         raise
+    return result, saved
 
-    state = run.trainer.state
-    losses = [h["loss"] for h in state.log_history if "loss" in h]
-    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
-    tokens = int(state.num_input_tokens_seen or 0) - run.tokens_at_start  # this run's, not resumed
-    summary: dict[str, Any] = {
+
+def run_summary(run: Run, args: Any, result: Any, saved: Any,
+                record: dict[str, Any]) -> dict[str, Any]:
+    """``run_summary.json``: what was trained, the losses, throughput and time, resources,
+    the batch, the plugins, where things are (``wall_time_s`` is filled in by :func:`finish`)."""
+    config = run.config
+    return {
         "fmtune_version": __version__,
         "model_name_or_path": config.model_name_or_path,
-        "global_step": state.global_step,
-        "epoch": state.epoch,
-        # the last logged loss; a run shorter than logging_steps logged none: its mean loss
-        "final_loss": losses[-1] if losses else result.training_loss,
-        **whole_run_train_loss(state, result.training_loss, run.resumed_from),
-        "final_eval_loss": eval_losses[-1] if eval_losses else None,
-        "train_tokens": tokens,
-        "tokens_per_second": tokens / run.timings["train_s"] if run.timings["train_s"] else None,
-        "model_load_s": round(run.timings["model_load_s"], 3),
-        "data_prep_s": round(run.timings["data_prep_s"], 3),
-        "train_s": round(run.timings["train_s"], 3),
-        "wall_time_s": None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_gpu_memory_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                               if torch.cuda.is_available() else None),
-        "world_size": run.world_size,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "total_train_batch_size": (run.world_size * args.per_device_train_batch_size
-                                   * args.gradient_accumulation_steps),
-        "device": str(args.device),
-        "plugins": plugin_versions(pm),
+        **loss_summary(run, result),
+        **time_summary(run),
+        **resource_summary(),
+        **batch_summary(run, args),
+        "plugins": plugin_versions(run.pm),
         "hooks_answered": run.answered,
         "resumed_from": run.resumed_from,
         "output_dir": os.path.abspath(config.output_dir),
@@ -539,9 +559,64 @@ def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
         "completed": True,
         "config_hash": record["config_hash"],
     }
+
+
+def loss_summary(run: Run, result: Any) -> dict[str, Any]:
+    """Step, epoch and losses: the last logged ones and the whole run's mean."""
+    state = run.trainer.state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    return {
+        "global_step": state.global_step,
+        "epoch": state.epoch,
+        # the last logged loss; a run shorter than logging_steps logged none: its mean loss
+        "final_loss": losses[-1] if losses else result.training_loss,
+        **whole_run_train_loss(state, result.training_loss, run.resumed_from),
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
+    }
+
+
+def time_summary(run: Run) -> dict[str, Any]:
+    """Tokens trained by this process (not those before a resume), their rate, phase times."""
+    tokens = int(run.trainer.state.num_input_tokens_seen or 0) - run.tokens_at_start
+    return {
+        "train_tokens": tokens,
+        "tokens_per_second": tokens / run.timings["train_s"] if run.timings["train_s"] else None,
+        "model_load_s": round(run.timings["model_load_s"], 3),
+        "data_prep_s": round(run.timings["data_prep_s"], 3),
+        "train_s": round(run.timings["train_s"], 3),
+        "wall_time_s": None,
+    }
+
+
+def resource_summary() -> dict[str, Any]:
+    """Peak memory of this process (and of its GPU)."""
+    import torch
+
+    return {
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_gpu_memory_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                               if torch.cuda.is_available() else None),
+    }
+
+
+def batch_summary(run: Run, args: Any) -> dict[str, Any]:
+    """Processes, batch sizes and the device."""
+    return {
+        "world_size": run.world_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_train_batch_size": (run.world_size * args.per_device_train_batch_size
+                                   * args.gradient_accumulation_steps),
+        "device": str(args.device),
+    }
+
+
+def finish(run: Run, summary: dict[str, Any], start: float) -> None:
+    """``on_train_end`` (plugins add keys to the summary), then run_summary.json (main
+    process)."""
     summary["wall_time_s"] = round(time.perf_counter() - start, 3)  # so far, for the hook
-    pm.hook.on_train_end(run=run, summary=summary)
+    run.pm.hook.on_train_end(run=run, summary=summary)
     summary["wall_time_s"] = round(time.perf_counter() - start, 3)
     if run.is_main_process:
-        write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary, default=str)
-    return summary
+        write_json(os.path.join(run.config.output_dir, SUMMARY_FILE), summary, default=str)

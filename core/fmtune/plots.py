@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from .config import ConfigError
-from .default_plugins.logs import FILENAME as LOGS_FILE
+from .logs import FILENAME as LOGS_FILE
 
 PLOT_FILE = "loss.png"
 FIGSIZE = (8.0, 5.0)  # inches

@@ -1,10 +1,12 @@
-"""Finding, loading and listing plugins.
+"""Finding, loading and listing plugins; collecting plugin registries.
 
 Plugins are entry points in the group ``fmtune``; the entry point's name is
-what users type in ``--plugins``. Only the plugins a run names are imported,
-so a broken plugin cannot take down other runs. The core's own behaviour is a
-set of default plugins (``fmtune.default_plugins``) registered first, whose
-implementations are ``trylast``. No torch here.
+what users type in ``--plugins``. Only the plugins a run names (and the plugins
+they declare they need, ``fmtune_plugins = [...]`` in the plugin module) are
+imported, so a broken plugin cannot take down other runs. The core's own
+behaviour is a set of default plugins (``fmtune.default_plugins``) registered
+first, whose implementations are ``trylast``. :func:`collect` gathers any
+plugin-owned registry (``register(name, obj)`` hooks). No torch here.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
-import weakref
+import logging
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import pluggy
 
 from . import hookspecs
 from .config import ConfigError
+
+log = logging.getLogger("fmtune")
 
 GROUP = "fmtune"
 
@@ -274,9 +278,28 @@ def not_installed(yaml_values: dict, cli_pairs: list,
             for spec, reason in _matches(specs, given, lambda s: s.plugin not in available)]
 
 
-def new_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+class PluginManager(pluggy.PluginManager):
+    """fmtune's plugin manager: pluggy's, plus what one run's plugin set needs to remember.
+
+    ``active``: the installed plugins :func:`load` activated, in registration order (the
+    plugins they need come before them); ``answers``: see :func:`record_answers`.
+    """
+
+    def __init__(self, project_name: str = hookspecs.PROJECT) -> None:
+        super().__init__(project_name)
+        self.active: list[str] = []
+        self.answers: _Answers | None = None
+
+
+def new_manager() -> PluginManager:
+    """A manager with the core's hook specs and the default plugins registered.
+
+    ``add_hookspecs`` is called historically: every plugin registered later adds its own
+    specs as it registers (pytest's ``pytest_addhooks``).
+    """
+    pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    pm.hook.add_hookspecs.call_historic(kwargs={"pluginmanager": pm})
     for modname in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(modname), name=f"default:{modname.rsplit('.', 1)[1]}")
     return pm
@@ -299,47 +322,271 @@ def split_names(names: Any) -> list[str]:
 def load(names: list[str], pm: pluggy.PluginManager | None = None) -> pluggy.PluginManager:
     """A plugin manager with the defaults plus the named plugins, checked.
 
-    A missing or broken plugin is a :class:`PluginError` naming what is installed.
+    A plugin module may declare the plugins it needs, ``fmtune_plugins = ["data_handlers"]``
+    (pytest's ``pytest_plugins``): they are activated with it, before it, recursively, once
+    each. A missing or broken plugin is a :class:`PluginError` naming what is installed (and
+    the plugin that needs it). :func:`active` lists what was activated.
     """
     pm = pm or new_manager()
     available = installed()
-    listing = ", ".join(available) or "none"
+    done = _active_list(pm)
+    in_progress: list[str] = []
+
+    def activate(name: str, needed_by: str | None) -> None:
+        if name in done or name in in_progress:  # once each; a cycle ends here
+            return
+        obj = _import_plugin(name, available, needed_by)
+        in_progress.append(name)
+        for required in _required(name, obj):
+            activate(required, name)
+        in_progress.pop()
+        if needed_by is not None and not pm.is_registered(obj):
+            log.info("plugin %r activates plugin %r (it needs it)", needed_by, name)
+        if not pm.is_registered(obj):
+            try:
+                pm.register(obj, name=name)
+            except pluggy.PluginValidationError as e:
+                raise PluginError(validation_error(pm, e)) from None
+        done.append(name)
+
     for name in names:
-        info = available.get(name)
-        if info is None:
-            from .config import suggest
-            dist = distribution_of(name)
-            install = f" (pip install {dist})" if dist else ""
-            raise PluginError(
-                f"plugin {name!r} is not installed{install}{suggest(name, available)}; "
-                f"installed plugins: {listing}"
-            )
-        why = info.incompatibility()
-        if why:  # checked before importing: an incompatible plugin may not even import
-            raise PluginError(f"plugin {name!r} is incompatible with this fmtune: {why}; install "
-                              f"a {info.distribution} release made for fmtune {_version()}, or a "
-                              f"fmtune that matches its requirement")
-        try:
-            obj = info.load()
-        except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
-            raise PluginError(
-                f"plugin {name!r} ({info.value}) failed to load: {type(e).__name__}: {e}; "
-                f"installed plugins: {listing}"
-            ) from e
-        if pm.is_registered(obj):
-            continue
-        pm.register(obj, name=name)
+        activate(name, None)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
-        raise PluginError(f"plugin hook error: {e}") from e
+        raise PluginError(pending_error(pm, e)) from None
     return pm
 
 
+def active(pm: pluggy.PluginManager) -> list[str]:
+    """The installed plugins :func:`load` activated in ``pm``: the named ones and the plugins
+    they need, in registration order."""
+    return list(_active_list(pm))
+
+
+def _active_list(pm: pluggy.PluginManager) -> list[str]:
+    found = getattr(pm, "active", None)
+    if not isinstance(found, list):
+        found = []
+        setattr(pm, "active", found)  # a plain pluggy manager
+    return found
+
+
+def _import_plugin(name: str, available: dict[str, PluginInfo], needed_by: str | None) -> Any:
+    listing = ", ".join(available) or "none"
+    info = available.get(name)
+    dist = distribution_of(name)
+    install = f" (pip install {dist})" if dist else ""
+    if info is None and needed_by is not None:
+        raise PluginError(f"plugin {needed_by!r} needs plugin {name!r}{install}, which is not "
+                          f"installed; installed plugins: {listing}")
+    if info is None:
+        from .config import suggest
+        raise PluginError(
+            f"plugin {name!r} is not installed{install}{suggest(name, available)}; "
+            f"installed plugins: {listing}"
+        )
+    needed = f" (needed by plugin {needed_by!r})" if needed_by else ""
+    why = info.incompatibility()
+    if why:  # checked before importing: an incompatible plugin may not even import
+        raise PluginError(f"plugin {name!r}{needed} is incompatible with this fmtune: {why}; "
+                          f"install a {info.distribution} release made for fmtune {_version()}, "
+                          f"or a fmtune that matches its requirement")
+    try:
+        return info.load()
+    except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
+        raise PluginError(
+            f"plugin {name!r}{needed} ({info.value}) failed to load: {type(e).__name__}: {e}; "
+            f"installed plugins: {listing}"
+        ) from e
+
+
+def _required(name: str, obj: Any) -> list[str]:
+    """The plugins ``obj`` declares it needs (``fmtune_plugins``: a list of names or "a,b")."""
+    wanted = getattr(obj, "fmtune_plugins", None)
+    if wanted is None:
+        return []
+    if not (isinstance(wanted, str) or (isinstance(wanted, (list, tuple))
+                                        and all(isinstance(n, str) for n in wanted))):
+        raise PluginError(f"plugin {name!r}: fmtune_plugins must be a list of plugin names, "
+                          f"got {wanted!r}")
+    return [n for n in split_names(wanted) if n != name]
+
+
+def validation_error(pm: pluggy.PluginManager, e: pluggy.PluginValidationError) -> str:
+    """pluggy's (multi-line) refusal of an implementation, as one line naming the plugin."""
+    name = pm.get_name(e.plugin) or getattr(e.plugin, "__name__", None) or repr(e.plugin)
+    text = " ".join(str(e).split())
+    return f"plugin {name!r}: {text}"
+
+
+def pending_error(pm: pluggy.PluginManager, e: pluggy.PluginValidationError) -> str:
+    """One line for ``check_pending()``: the hook, the plugin that implements it and, when an
+    installed plugin that is not active defines it, that plugin."""
+    for hook_name, caller in vars(pm.hook).items():
+        if hook_name.startswith("_") or caller.has_spec():
+            continue
+        impls = [i for i in caller.get_hookimpls() if not i.optionalhook]
+        if not impls:
+            continue
+        plugin = impls[0].plugin_name
+        owner = spec_owner(hook_name, exclude={n for n, _ in pm.list_name_plugin()})
+        if owner:
+            return (f"plugin {plugin!r} implements {hook_name}, which no active plugin defines "
+                    f"(it is the hook of plugin {owner!r}: add --plugins {owner})")
+        from .config import suggest
+
+        known = [n for n, c in vars(pm.hook).items() if not n.startswith("_") and c.has_spec()]
+        return (f"plugin {plugin!r} implements {hook_name}, which is not a hook of fmtune or of "
+                f"any active plugin{suggest(hook_name, known)} (a hook of a plugin that is not "
+                "active needs that plugin in --plugins)")
+    return f"plugin hook error: {' '.join(str(e).split())}"
+
+
+def spec_owner(hook_name: str, exclude: Collection[str] = ()) -> str | None:
+    """The installed plugin (not in ``exclude``) whose ``add_hookspecs`` defines ``hook_name``,
+    or None. Imports installed plugins: for error messages only."""
+    for name, info in installed().items():
+        if name in exclude or info.incompatibility():
+            continue
+        try:
+            obj = info.load()
+        except Exception:  # noqa: BLE001 - a broken plugin just owns nothing
+            continue
+        if not hasattr(getattr(obj, "add_hookspecs", None), f"{hookspecs.PROJECT}_impl"):
+            continue
+        probe = pluggy.PluginManager(hookspecs.PROJECT)
+        probe.add_hookspecs(hookspecs)
+        probe.hook.add_hookspecs.call_historic(kwargs={"pluginmanager": probe})
+        try:
+            probe.register(obj, name=name)
+        except Exception:  # noqa: BLE001
+            pass
+        caller = getattr(probe.hook, hook_name, None)
+        if caller is not None and caller.has_spec():
+            return name
+    return None
+
+
+# ------------------------------------------------------------------ registries
+
+
+class Registrations(dict):
+    """What :func:`collect` returns: ``{name: obj}`` in call order, plus ``owners``
+    (``{name: plugin}``, the plugin that registered each)."""
+
+    owners: dict[str, str]
+
+
+def call_each(pm: pluggy.PluginManager, hook_name: str,
+              arguments: Callable[[str], dict[str, Any]], report: Callable[[str], None]) -> None:
+    """Call every implementation of ``hook_name`` (in registration order: the core's
+    ``trylast`` defaults first, ``tryfirst`` ones last) with the arguments it names from
+    ``arguments(plugin_name)``. A wrapper, an argument nobody supplies, or an exception goes
+    to ``report`` (one line naming the plugin and the hook); a :class:`ConfigError` raised
+    inside (a registry's own refusal) propagates unchanged."""
+    caller = getattr(pm.hook, hook_name, None)
+    if caller is None:
+        return
+    for impl in caller.get_hookimpls():
+        plugin = impl.plugin_name
+        if impl.wrapper or impl.hookwrapper:
+            report(f"plugin {plugin!r}: {hook_name} cannot be a wrapper (it is a registry: "
+                   "register your entries in a plain implementation)")
+            continue
+        given = arguments(plugin)
+        missing = [a for a in impl.argnames if a not in given]
+        if missing:
+            report(f"plugin {plugin!r}: {hook_name}({', '.join(impl.argnames)}) asks for "
+                   f"{', '.join(map(repr, missing))}, which the caller does not supply "
+                   f"(it supplies {', '.join(given) or 'nothing'})")
+            continue
+        try:
+            impl.function(*[given[a] for a in impl.argnames])
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken plugin is reported, not a traceback
+            report(f"plugin {plugin!r}: {hook_name} failed: {type(e).__name__}: "
+                   f"{' '.join(str(e).split())}")
+
+
+def collect(pm: pluggy.PluginManager, hook_name: str, what: str, /, *,
+            check: Callable[[str, Any], str | None] | None = None,
+            make: Callable[..., Any] | None = None,
+            problems: list[str] | None = None, **kwargs: Any) -> Registrations:
+    """Collect a plugin registry: ``{name: obj}`` from every implementation of ``hook_name``.
+
+    Each implementation is called (in registration order) with a ``register(name, obj)``
+    function plus those of ``kwargs`` it names (by argument name, as pluggy does); ``what``
+    names an entry in messages (``"data handler"``). The result is a dict in call order
+    whose ``owners`` maps each name to the plugin that registered it. Refused, with one line
+    naming the plugin: a ``wrapper=True`` (or ``hookwrapper``) implementation, a required
+    argument nobody supplies, an implementation that raises, a name that is not a non-empty
+    string, a name registered twice (``"data handler 'x' is registered by both 'a' and
+    'b'"``), and an entry ``check(name, obj)`` refuses (it returns the reason, reported as
+    ``plugin 'a': REASON``).
+
+    ``make``: when given, ``register(name, *args, **options)`` stores ``make(*args,
+    **options)`` (its exception is the plugin's error). ``problems``: when given, every
+    problem is appended to it and collecting goes on (report them all at once); otherwise the
+    first one raises :class:`PluginError`. The owning plugin defines the hook with
+    ``add_hookspecs``; a hook no plugin defines or implements collects nothing.
+    """
+    found = Registrations()
+    found.owners = {}
+
+    def report(message: str) -> None:
+        if problems is None:
+            raise PluginError(message)
+        problems.append(message)
+
+    def register_for(plugin: str) -> Callable[..., None]:
+        def register(name: Any, *args: Any, **options: Any) -> None:
+            if not isinstance(name, str) or not name:
+                report(f"plugin {plugin!r}: {what} name must be a non-empty string, "
+                       f"got {name!r}")
+                return
+            if make is not None:
+                try:
+                    obj = make(*args, **options)
+                except ConfigError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the plugin's registration is wrong
+                    report(f"plugin {plugin!r}: {what} {name!r}: {e}")
+                    return
+            elif len(args) != 1 or options:
+                report(f"plugin {plugin!r}: {what} {name!r}: register takes (name, obj), "
+                       f"got {len(args) + 1 + len(options)} arguments")
+                return
+            else:
+                obj = args[0]
+            if name in found:
+                report(f"{what} {name!r} is registered by both {found.owners[name]!r} and "
+                       f"{plugin!r}")
+                return
+            why = check(name, obj) if check is not None else None
+            if why:
+                report(f"plugin {plugin!r}: {why}")
+                return
+            found[name], found.owners[name] = obj, plugin
+
+        return register
+
+    call_each(pm, hook_name, lambda plugin: {**kwargs, "register": register_for(plugin)},
+              report)
+    return found
+
+
 def hook_names(obj: Any) -> list[str]:
-    """The fmtune hooks a plugin object implements."""
-    specs = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "fmtune_spec")}
-    return sorted(n for n in specs if hasattr(getattr(obj, n, None), "fmtune_impl"))
+    """The hooks a plugin object implements: the core's and any plugin's (every function
+    marked with ``fmtune.hookimpl``; ``specname`` respected)."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    names = set()
+    for attr in dir(obj):
+        opts = getattr(getattr(obj, attr, None), marker, None)
+        if isinstance(opts, dict):
+            names.add(opts.get("specname") or attr)
+    return sorted(names)
 
 
 def describe() -> list[dict[str, Any]]:
@@ -352,16 +599,19 @@ def describe() -> list[dict[str, Any]]:
                      "distribution": "fmtune", "version": __version__,
                      "hooks": hook_names(mod), "error": None})
     for info in installed().values():
-        row = {"name": info.name, "entry_point": info.value, "distribution": info.distribution,
-               "version": info.version, "requires_fmtune": info.core_requirement(), "hooks": [],
-               "error": None}
+        row: dict[str, Any] = {
+            "name": info.name, "entry_point": info.value, "distribution": info.distribution,
+            "version": info.version, "requires_fmtune": info.core_requirement(), "hooks": [],
+            "needs": [], "error": None}
         why = info.incompatibility()
         if why:  # not imported: it was not made for this core
             row["error"] = f"incompatible, not loaded: {why}"
             rows.append(row)
             continue
         try:
-            row["hooks"] = hook_names(info.load())
+            obj = info.load()
+            row["hooks"] = hook_names(obj)
+            row["needs"] = _required(info.name, obj)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
@@ -381,8 +631,49 @@ def plugin_versions(pm: pluggy.PluginManager) -> dict[str, str | None]:
             for name, _ in pm.list_name_plugin() if not name.startswith("default:")}
 
 
-# Which plugin answered each firstresult hook of a run (and which wrappers ran around it).
-_ANSWERS: "weakref.WeakKeyDictionary[pluggy.PluginManager, dict]" = weakref.WeakKeyDictionary()
+class _Answers:
+    """Which plugin answered each firstresult hook of a run (and which wrappers ran around
+    it); lives on its plugin manager (``pm.answers``), installed once per manager."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.answers: dict[str, dict[str, Any]] = {}
+        hook = pm.hook
+        pending: list[list[tuple[Any, Any]]] = []  # functions swapped in, per call in flight
+
+        def firstresult(hook_name: str) -> bool:
+            spec = getattr(getattr(hook, hook_name, None), "spec", None)
+            return bool(spec and spec.opts.get("firstresult"))
+
+        def before(hook_name: str, hook_impls: Sequence[Any], kwargs: Mapping[str, Any]
+                   ) -> None:
+            if not firstresult(hook_name):
+                return
+            record = self.answers[hook_name] = {"answered_by": None, "wrappers": []}
+            swapped = []
+            for impl in reversed(hook_impls):  # pluggy's call order
+                if impl.wrapper or impl.hookwrapper:
+                    record["wrappers"].append(impl.plugin_name)
+                    continue
+                original = impl.function
+
+                def recorded(*args: Any, _fn: Any = original, _name: str = impl.plugin_name
+                             ) -> Any:
+                    result = _fn(*args)
+                    if result is not None and record["answered_by"] is None:
+                        record["answered_by"] = _name
+                    return result
+
+                impl.function = recorded
+                swapped.append((impl, original))
+            pending.append(swapped)
+
+        def after(outcome: Any, hook_name: str, hook_impls: Sequence[Any],
+                  kwargs: Mapping[str, Any]) -> None:
+            if firstresult(hook_name):
+                for impl, original in pending.pop():
+                    impl.function = original
+
+        pm.add_hookcall_monitoring(before, after)
 
 
 def record_answers(pm: pluggy.PluginManager) -> dict[str, dict[str, Any]]:
@@ -392,49 +683,11 @@ def record_answers(pm: pluggy.PluginManager) -> dict[str, dict[str, Any]]:
     Returns the dict that fills in: ``{hook: {"answered_by": name or None, "wrappers":
     [names]}}`` (the last call of a hook wins). Calling it again for the same manager starts a
     new, empty dict (one per run); the tracing itself is installed once per manager through
-    pluggy's ``add_hookcall_monitoring``.
+    pluggy's ``add_hookcall_monitoring`` and kept on the manager (``pm.answers``).
     """
-    answers: dict[str, dict[str, Any]] = {}
-    first_time = pm not in _ANSWERS
-    _ANSWERS[pm] = answers
-    if not first_time:
-        return answers
-    manager = weakref.ref(pm)
-    pending: list[list[tuple[Any, Any]]] = []  # functions swapped in, per call in flight
-
-    def firstresult(hook_name: str) -> bool:
-        spec = getattr(getattr(pm.hook, hook_name, None), "spec", None)
-        return bool(spec and spec.opts.get("firstresult"))
-
-    def before(hook_name, hook_impls, kwargs):
-        if not firstresult(hook_name):
-            return
-        target = _ANSWERS.get(manager())
-        if target is None:
-            pending.append([])
-            return
-        record = target[hook_name] = {"answered_by": None, "wrappers": []}
-        swapped = []
-        for impl in reversed(hook_impls):  # pluggy's call order
-            if impl.wrapper or impl.hookwrapper:
-                record["wrappers"].append(impl.plugin_name)
-                continue
-            original = impl.function
-
-            def recorded(*args, _fn=original, _name=impl.plugin_name):
-                result = _fn(*args)
-                if result is not None and record["answered_by"] is None:
-                    record["answered_by"] = _name
-                return result
-
-            impl.function = recorded
-            swapped.append((impl, original))
-        pending.append(swapped)
-
-    def after(outcome, hook_name, hook_impls, kwargs):
-        if firstresult(hook_name):
-            for impl, original in pending.pop():
-                impl.function = original
-
-    pm.add_hookcall_monitoring(before, after)
-    return answers
+    recorder = getattr(pm, "answers", None)
+    if not isinstance(recorder, _Answers):
+        recorder = _Answers(pm)
+        setattr(pm, "answers", recorder)
+    recorder.answers = {}
+    return recorder.answers

@@ -3,19 +3,17 @@
 * ``fmtune_tiny_model`` - folder with a random-init tiny Llama and its BPE tokenizer
   (session-scoped, built once, no download);
 * ``fmtune_run`` - :func:`fmtune.testing.run_cli`: ``fmtune_run(["train", ...], plugins=[obj])``.
+
+The texts the tiny tokenizer is trained on are :data:`fmtune.testing.DEMO_TEXTS`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-DEMO_TEXTS = [
-    "translate: the red cat sees a dog = le chat rouge voit un chien",
-    "question: what is two plus two? answer: four",
-    "The quick brown fox jumps over the lazy dog.",
-    "<|user|> hello there <|assistant|> hi, how can I help?",
-    "input output label yes no true false positive negative",
-] * 4
+from .testing import DEMO_TEXTS
+
+__all__ = ["DEMO_TEXTS", "fmtune_run", "fmtune_tiny_model"]
 
 
 @pytest.fixture(scope="session")

@@ -243,11 +243,9 @@ def option_registry(kind: str) -> OptionRegistry:
     from . import plugins as plugin_mod
 
     def build(names: list[str]) -> OptionRegistry:
-        registry = OptionRegistry()
-        pm = plugin_mod.load(names)
-        for impl in pm.hook.add_options.get_hookimpls():  # core (trylast) first, as cli.py
-            impl.function(registry.register_for(impl.plugin_name))
-        return registry
+        from .cli import registry_for  # core (trylast) first, as fmtune train
+
+        return registry_for(plugin_mod.load(names))
 
     available = plugin_mod.installed()
     try:
@@ -675,7 +673,7 @@ def translate(data: dict[str, Any], kind: str, where: str) -> tuple[dict[str, An
 def write_preferences(sources: list[str], out: str | os.PathLike, where: str) -> None:
     """Silogen's preference JSONL (``prompt_messages``/``chosen_messages``/
     ``rejected_messages``) -> fmtune dpo's ``prompt``/``chosen``/``rejected`` JSONL."""
-    from .default_plugins.data import read_records, record_where
+    from .records import read_records, record_where
 
     rows = []
     for src in sources:  # errors name the file and the line or record, as for any data file
@@ -986,7 +984,7 @@ def check_generation_params(params: dict[str, Any], ctx: "_Ctx | str") -> None:
 def _eval_prompts(path: str) -> list[dict[str, Any]]:
     """Silogen's evaluation records: ``prompt_messages`` (chat messages) and ``response`` (the
     reference answer); ``dataset`` and ``id`` optional. Errors name the file and the line."""
-    from .default_plugins.data import read_records, record_where
+    from .records import read_records, record_where
 
     out = []
     for i, rec in enumerate(read_records(path)):
@@ -1011,7 +1009,7 @@ def _load_generation_model(p: GenPlan, tokenizer: Any, where: str):
 
     from transformers import AutoModelForCausalLM
 
-    from .default_plugins.model import fit_to_tokenizer
+    from .models import fit_to_tokenizer
     from .hub import from_pretrained, quant_method, without_unused_gptqmodel
 
     kwargs = dict(p.load)

@@ -1,4 +1,5 @@
-"""Helpers for testing fmtune and fmtune plugins without any download.
+"""Helpers for testing fmtune and fmtune plugins without any download (public API for
+plugins: documented in docs/plugins.md, "Utilities for plugins").
 
 ``build_tiny_model(folder, texts)`` trains a byte-level BPE tokenizer on
 ``texts`` and saves it with a random-init tiny Llama, loadable with
@@ -24,6 +25,15 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=False)
 
+
+# The texts the fmtune_tiny_model tokenizer is trained on (its vocabulary), for tests.
+DEMO_TEXTS = [
+    "translate: the red cat sees a dog = le chat rouge voit un chien",
+    "question: what is two plus two? answer: four",
+    "The quick brown fox jumps over the lazy dog.",
+    "<|user|> hello there <|assistant|> hi, how can I help?",
+    "input output label yes no true false positive negative",
+] * 4
 
 # Eight input/output records in the fmtune_tiny_model tokenizer's vocabulary, for tests.
 DEMO_RECORDS = [
@@ -68,6 +78,7 @@ def build_tiny_model(folder: str | os.PathLike, texts: Iterable[str], seed: int 
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> str:
+    """``records`` as a JSONL file at ``path``; returns the path."""
     with open(path, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
@@ -96,7 +107,7 @@ def check_generated(path: str | os.PathLike, text: str, label: str | None = None
                       f"FMTUNE_WRITE_DOCS=1):\n{diff[:3000]}")
 
 
-def run_cli(argv: list[str], plugins: list[Any] = ()) -> CliResult:
+def run_cli(argv: list[str], plugins: Iterable[Any] = ()) -> CliResult:
     """Run ``fmtune ARGV`` in this process, with ``plugins`` registered; capture output."""
     from .cli import main
 
@@ -107,6 +118,33 @@ def run_cli(argv: list[str], plugins: list[Any] = ()) -> CliResult:
         except SystemExit as e:  # argparse errors
             code = e.code if isinstance(e.code, int) else 1
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int = 64,
+             add_special_tokens: bool = True) -> list[str]:
+    """Greedy continuation of each text by ``model`` (the new text only), as ``fmtune
+    generate`` prints it: to compare a trained model with what the CLI generates."""
+    from .inference import generate as greedy
+
+    return greedy(model, tokenizer, texts, max_new_tokens, add_special_tokens)
+
+
+def load_for_inference(path: str, trust_remote_code: bool = False,
+                       base_model_name_or_path: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a trained folder (full model or adapter over its base), as
+    ``fmtune generate --model`` / ``fmtune evaluate --model`` load it."""
+    from .inference import load_for_inference as load
+
+    return load(path, trust_remote_code, base_model_name_or_path)
+
+
+def exact_match(model: Any, tokenizer: Any, records: list[dict],
+                max_new_tokens: int = 64) -> tuple[float, list[str]]:
+    """``(accuracy, predictions)``: the fraction of ``{"input", "output"}`` records whose
+    greedy output equals ``output``, as ``fmtune evaluate`` reports it."""
+    from .inference import exact_match as score
+
+    return score(model, tokenizer, records, max_new_tokens)
 
 
 class RunRecorder:
@@ -128,7 +166,7 @@ class RunRecorder:
         self.model = run.model
 
 
-def train(argv: list[str], plugins: list[Any] = ()) -> RunRecorder:
+def train(argv: list[str], plugins: Iterable[Any] = ()) -> RunRecorder:
     """Run ``fmtune train ...`` (``argv`` starts with "train") in this process with a
     :class:`RunRecorder` and ``plugins``; a non-zero exit raises AssertionError with stderr."""
     rec = RunRecorder()

@@ -371,7 +371,7 @@ _HUB_KERNEL = re.compile(r"[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w.-]+)?")
 
 
 def _attn_problems(config) -> list[str]:
-    from .model import flash_requested
+    from fmtune.models import flash_requested
 
     flash = config.get("flash_attn_implementation")
     if flash is None:

@@ -21,8 +21,7 @@ def main(argv: list[str]) -> int:
         help_asked = argv[:1] in (["-h"], ["--help"])
         print(USAGE, file=sys.stdout if help_asked else sys.stderr)
         return 0 if help_asked else 2
-    from fmtune.cli import load_config, train_help
-    from fmtune.pipeline import validate
+    from fmtune.commands import load_config, train_help, validate
 
     from .data import prepare
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fmtune.default_plugins.data import Counts, DataError, read_records, record_where
+from fmtune.records import Counts, DataError, read_records, record_where
 
 log = logging.getLogger("fmtune")
 FIELDS = ("prompt", "chosen", "rejected")
@@ -112,7 +112,7 @@ def tokenize_record(tokenizer, chat: bool, values: dict[str, Any], chat_template
 
         if not isinstance(e, jinja2.TemplateError):
             raise
-        from fmtune.chat_templates import template_error
+        from fmtune.records import template_error
 
         what = "--chat_template" if chat_template is not None else "the tokenizer's chat template"
         raise DataError(f"{where}: {what}: {template_error(e)}") from None
@@ -161,9 +161,9 @@ def build_preference_dataset(config, tokenizer, path: str):
     records = read_records(path)
     counts = Counts()
     max_len = config.max_seq_length
-    from fmtune.chat_templates import resolve
+    from fmtune.records import resolve_chat_template
 
-    chat_template = resolve(config.get("chat_template"))
+    chat_template = resolve_chat_template(config.get("chat_template"))
     columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for i, rec in enumerate(records):
         where = record_where(path, rec, i)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from fmtune import hookimpl
+from fmtune.records import missing_eval_data
 
 log = logging.getLogger("fmtune")
 
@@ -53,8 +54,7 @@ def validate_config(config):
     for name in ("packing", "padding_free", "data_config_path"):
         if config.get(name):
             problems.append(f"dpo: {name} is not supported with preference data")
-    if config.eval_strategy != "no" and not config.validation_data_path:
-        problems.append(f"eval_strategy={config.eval_strategy} needs validation_data_path")
+    problems.append(missing_eval_data(config, "validation_data_path"))
     bad = [t for t in config.loss_type or [] if t not in LOSS_TYPES]
     if bad or not config.loss_type:
         problems.append(f"loss_type: unknown {', '.join(map(repr, bad)) or 'empty value'}; "
@@ -75,11 +75,11 @@ def validate_config(config):
         problems.append(f"label_smoothing must be in [0, 0.5] (the probability that a preference "
                         f"label is flipped), got {config.label_smoothing}")
     if config.get("chat_template") is not None:
-        from fmtune.chat_templates import resolve
         from fmtune.config import ConfigError
+        from fmtune.records import resolve_chat_template
 
         try:  # a built-in name, a file or the text; compiled
-            resolve(config.chat_template)
+            resolve_chat_template(config.chat_template)
         except ConfigError as e:
             problems.append(str(e))
     if "exo_pair" in (config.loss_type or []) and config.label_smoothing <= 0:
@@ -87,7 +87,7 @@ def validate_config(config):
     if "robust" in (config.loss_type or []) and not 0 <= config.label_smoothing < 0.5:
         problems.append(f"loss_type robust needs label_smoothing in [0, 0.5), got "
                         f"{config.label_smoothing}")
-    return problems
+    return [p for p in problems if p]
 
 
 @hookimpl(tryfirst=True)
@@ -120,6 +120,6 @@ def build_trainer(model, tokenizer, config, train_dataset, eval_dataset, data_co
 @hookimpl
 def on_log(run, logs):
     """DPO metrics go to training_logs.jsonl next to the losses, in the same line format."""
-    from fmtune.default_plugins.logs import append_metrics
+    from fmtune.logs import append_metrics
 
     append_metrics(run, logs, {key: key for key in logs if key.startswith(LOGGED_PREFIXES)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from fmtune.cli import load_config
+from fmtune.commands import load_config
 from fmtune.testing import run_cli, write_jsonl
 from fmtune_dpo.data import prepare
 

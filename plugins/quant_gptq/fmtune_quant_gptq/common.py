@@ -49,6 +49,36 @@ class Compatibility:
         return out
 
 
+@dataclass(frozen=True)
+class QuantFormat:
+    """A quantized-checkpoint format served by a plugin (``gptq``, ``mxfp4``): which plugins it
+    runs with, its checkpoints' ``quant_method``, its ``label`` ("GPTQ") and ``what`` a
+    checkpoint of it is called ("a GPTQ"), what a random model lacks (``random_model``) and how
+    to get a checkpoint of the format (``how``)."""
+
+    compatibility: Compatibility
+    method: str
+    label: str
+    what: str
+    random_model: str
+    how: str
+
+    def problems(self, config, checks=lambda config: []) -> list[str]:
+        """The plugin's ``validate_config``: the plugin set (alone when wrong), random weights,
+        ``checks(config)`` (the format's own options), then the local checkpoint's format."""
+        problems = self.compatibility.problems(config)
+        if problems:  # the plugin set is wrong: checks of the rest would only add noise
+            return problems
+        if config.random_init_weights:
+            problems.append(f"random_init_weights with {self.compatibility.me}: the {self.label} "
+                            f"checkpoint's weights are the base; {self.random_model}")
+        problems.extend(checks(config))
+        found = checkpoint_problem(config, self.method, self.what, self.how)
+        if found:
+            problems.append(found)
+        return problems
+
+
 def checkpoint_folder(path: str | None) -> str | None:
     """The local folder of ``model_name_or_path`` (None for a hub id)."""
     if not path:
@@ -119,8 +149,8 @@ def load_quantized(config, method: str, what: str, hint: str, quantization_confi
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fmtune.config import ConfigError
-    from fmtune.default_plugins.model import device_map, resolve_attn_implementation, resolve_dtype
-    from fmtune.hub import from_pretrained
+    from fmtune.models import (device_map, from_pretrained, resolve_attn_implementation,
+                               resolve_dtype)
 
     path = config.model_name_or_path
     model_config = from_pretrained(AutoConfig.from_pretrained, path, "model config",

@@ -14,12 +14,11 @@ import logging
 
 from fmtune import hookimpl
 
-from .common import (Compatibility, checkpoint_problem, load_quantized,
-                     missing_packages)
+from .common import Compatibility, QuantFormat, load_quantized, missing_packages
 
 log = logging.getLogger("fmtune")
 
-COMPATIBILITY = Compatibility(
+FORMAT = QuantFormat(Compatibility(
     me="gptq",
     combines={
         "lora": "LoRA adapters on the frozen GPTQ layers (peft's GPTQ LoRA layers)",
@@ -34,7 +33,10 @@ COMPATIBILITY = Compatibility(
     },
     needs_adapter="gptq trains LoRA adapters over the frozen GPTQ layers (a GPTQ base cannot be "
                   "trained in full)",
-)
+), method="gptq", label="GPTQ", what="a GPTQ",
+    random_model="a random model is not GPTQ-quantized",
+    how="quantize it with gptqmodel first (see the fmtune-quant-gptq README), or train it with "
+        "--plugins qlora (bitsandbytes quantizes on load)")
 
 PACKAGES = {"gptqmodel": "gptqmodel==7.6.0", "optimum": "optimum"}
 
@@ -117,12 +119,12 @@ def backend(config) -> str:
 
 @hookimpl
 def validate_config(config):
-    problems = COMPATIBILITY.problems(config)
-    if problems:  # the plugin set is wrong: checks of the rest would only add noise
-        return problems
-    if config.random_init_weights:
-        problems.append("random_init_weights with gptq: the GPTQ checkpoint's weights are the "
-                        "base; a random model is not GPTQ-quantized")
+    return FORMAT.problems(config, options_problems)
+
+
+def options_problems(config) -> list[str]:
+    """gptq's own checks: its packages, --auto_gptq, a GPU kernel on a machine without GPU."""
+    problems = []
     missing = missing_packages(PACKAGES)
     if missing:
         problems.append(f"gptq needs {' and '.join(missing)}, not installed: pip install "
@@ -134,11 +136,6 @@ def validate_config(config):
         if reason:
             problems.append(f"gptq_backend {config.gptq_backend} needs a CUDA GPU but {reason}; "
                             "on CPU use auto_trainable, gptq_torch or gptq_torch_aten")
-    found = checkpoint_problem(
-        config, "gptq", "a GPTQ", "quantize it with gptqmodel first (see the fmtune-quant-gptq "
-        "README), or train it with --plugins qlora (bitsandbytes quantizes on load)")
-    if found:
-        problems.append(found)
     return problems
 
 
@@ -159,6 +156,6 @@ def load_gptq(config, tokenizer):
     log.info("loaded %s: %d GPTQ layers (%s-bit, group size %s) with kernel %s, other weights %s",
              config.model_name_or_path, count, quant.get("bits"), quant.get("group_size"),
              ", ".join(sorted(layers)), model.dtype)
-    from fmtune.default_plugins.model import fit_to_tokenizer
+    from fmtune.models import fit_to_tokenizer
 
     return fit_to_tokenizer(model, tokenizer, config)

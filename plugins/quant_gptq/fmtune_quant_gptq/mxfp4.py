@@ -17,11 +17,11 @@ import logging
 
 from fmtune import hookimpl
 
-from .common import Compatibility, checkpoint_problem, load_quantized
+from .common import Compatibility, QuantFormat, load_quantized
 
 log = logging.getLogger("fmtune")
 
-COMPATIBILITY = Compatibility(
+FORMAT = QuantFormat(Compatibility(
     me="mxfp4",
     combines={
         "lora": "LoRA on the dequantized model",
@@ -33,7 +33,10 @@ COMPATIBILITY = Compatibility(
                  "with bitsandbytes; use --plugins mxfp4,lora",
         "gptq": "a checkpoint is either MXFP4- or GPTQ-quantized; name the plugin of its format",
     },
-)
+), method="mxfp4", label="MXFP4", what="an MXFP4",
+    random_model="a random model has no MXFP4 weights",
+    how="the mxfp4 plugin loads gpt-oss-style MXFP4 checkpoints; load a full-precision model "
+        "without it")
 
 
 @hookimpl
@@ -65,20 +68,8 @@ def no_training_reason(config) -> str:
 
 @hookimpl
 def validate_config(config):
-    problems = COMPATIBILITY.problems(config)
-    if problems:  # the plugin set is wrong: checks of the rest would only add noise
-        return problems
-    if not config.dequantize:
-        problems.append(no_training_reason(config))
-    if config.random_init_weights:
-        problems.append("random_init_weights with mxfp4: the MXFP4 checkpoint's weights are the "
-                        "base; a random model has no MXFP4 weights")
-    found = checkpoint_problem(
-        config, "mxfp4", "an MXFP4", "the mxfp4 plugin loads gpt-oss-style MXFP4 checkpoints; "
-        "load a full-precision model without it")
-    if found:
-        problems.append(found)
-    return problems
+    return FORMAT.problems(config, lambda config: [] if config.dequantize
+                           else [no_training_reason(config)])
 
 
 @hookimpl
@@ -95,7 +86,7 @@ def load_mxfp4(config, tokenizer):
     forget_mxfp4_conversion(model)
     log.info("loaded %s with its MXFP4 weights dequantized to %s", config.model_name_or_path,
              model.dtype)
-    from fmtune.default_plugins.model import fit_to_tokenizer
+    from fmtune.models import fit_to_tokenizer
 
     return fit_to_tokenizer(model, tokenizer, config)
 

@@ -20,7 +20,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 @pytest.fixture(scope="session")
 def fmtune_gptq_model(tmp_path_factory, fmtune_tiny_model):
-    from fmtune.pytest_plugin import DEMO_TEXTS
+    from fmtune.testing import DEMO_TEXTS
 
     from .testing import build_gptq_model
 
@@ -30,7 +30,7 @@ def fmtune_gptq_model(tmp_path_factory, fmtune_tiny_model):
 
 @pytest.fixture(scope="session")
 def fmtune_mxfp4_model(tmp_path_factory):
-    from fmtune.pytest_plugin import DEMO_TEXTS
+    from fmtune.testing import DEMO_TEXTS
 
     from .testing import build_mxfp4_model
 

@@ -11,8 +11,7 @@ import logging
 import pytest
 import torch
 
-from fmtune.cli import load_config
-from fmtune.pipeline import validate
+from fmtune.commands import load_config, validate
 from fmtune.testing import run_cli
 
 def placeholder_data(folder) -> str:

@@ -15,8 +15,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fmtune.inference import generate
-from fmtune.testing import run_cli, wrapped_model
+from fmtune.testing import generate, run_cli, wrapped_model
 
 LINEARS = {"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}
 PROMPT = "what is two plus two?"

@@ -12,11 +12,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
 
-from fmtune.cli import load_config
-from fmtune.inference import generate
-from fmtune.pipeline import validate
-from fmtune.pytest_plugin import DEMO_TEXTS
-from fmtune.testing import run_cli
+from fmtune.commands import load_config, validate
+from fmtune.testing import DEMO_TEXTS, generate, run_cli
 from fmtune_quant_gptq.testing import build_mxfp4_model, e2m1
 
 PROMPT = "what is two plus two?"

@@ -1,7 +1,8 @@
 """fmtune trainer controller: rules over training metrics that stop, save, evaluate or log.
 
 Plugin authors add metrics and operations with the ``register_controller_metrics``
-/ ``register_controller_operations`` hooks, usually subclassing :class:`Metric`
+/ ``register_controller_operations`` hooks (this plugin's own specs, :mod:`.hookspecs`),
+usually subclassing :class:`Metric`
 and :class:`Operation` (see the README). Importing this package is cheap: no torch.
 """
 

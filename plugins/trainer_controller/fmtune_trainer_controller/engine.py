@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from fmtune.config import ConfigError
-from fmtune.files import restart_jsonl
+from fmtune.records import restart_jsonl
 
 from .events import CONTROL_FLAGS
 from .loader import Controller, Setup

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from fmtune.hookspecs import CONTROL_FLAGS
+
+__all__ = ["CONTROL_FLAGS", "TRIGGERS", "TRIGGER_ALIASES", "UNSUPPORTED_TRIGGERS"]
+
 # trigger name in the YAML -> the fmtune hook that delivers it
 TRIGGERS: dict[str, str] = {
     "on_train_begin": "on_train_begin",
@@ -25,5 +29,3 @@ UNSUPPORTED_TRIGGERS: dict[str, str] = {
     "on_prediction_step": "use on_evaluate",
     "on_predict": "use on_evaluate",
 }
-CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save",
-                 "should_evaluate", "should_log")

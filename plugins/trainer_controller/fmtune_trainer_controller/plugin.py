@@ -3,21 +3,25 @@
 The controller file named by ``trainer_controller_config_file`` is loaded and
 checked in ``validate_config`` (before any model loads); metric and operation
 classes come from every active plugin's ``register_controller_metrics`` /
-``register_controller_operations`` (this plugin registers the built-in ones
-the same way). The training events then drive the :class:`~.engine.Engine`.
+``register_controller_operations``, hooks this plugin defines (:mod:`.hookspecs`,
+added through ``add_hookspecs``) and implements itself for the built-in ones.
+The training events then drive the :class:`~.engine.Engine`, kept on the run's
+config (``config.stash``).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from fmtune import hookimpl
 from fmtune.config import ConfigError
+from fmtune.plugins import collect
+from fmtune.stash import StashKey
 
+from . import hookspecs
 from .engine import Engine
-from .loader import LoadError, check_metric_class, check_operation_class, collect, load
+from .loader import LoadError, check_metric_class, check_operation_class, load, name_check
 from .metrics import BUILTIN_METRICS
 from .operations import BUILTIN_OPERATIONS
 
@@ -25,9 +29,14 @@ log = logging.getLogger("fmtune.trainer_controller")
 
 OPTION = "trainer_controller_config_file"
 
-# One engine per run, keyed by the run's (resolved) config object: no state is
-# shared between runs in one process, and nothing outlives its config.
-_ENGINES: WeakKeyDictionary = WeakKeyDictionary()
+# One engine per run, on the run's (resolved) config: no state is shared between runs in
+# one process, and nothing outlives its config.
+ENGINE = StashKey[Engine]()
+
+
+@hookimpl
+def add_hookspecs(pluginmanager):
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 @hookimpl
@@ -52,12 +61,15 @@ def register_controller_operations(register):
 
 def build(path: str, pm: Any) -> Engine:
     """Collect the registered classes, load ``path``; raise :class:`LoadError`."""
-    metrics, problems = collect(pm, "register_controller_metrics", "controller metric",
-                                check_metric_class)
-    operations, more = collect(pm, "register_controller_operations", "controller operation",
-                               check_operation_class)
-    if problems or more:
-        raise LoadError(problems + more)
+    problems: list[str] = []
+    metrics = collect(pm, "register_controller_metrics", "controller metric",
+                      check=name_check("controller metric", check_metric_class),
+                      problems=problems)
+    operations = collect(pm, "register_controller_operations", "controller operation",
+                         check=name_check("controller operation", check_operation_class),
+                         problems=problems)
+    if problems:
+        raise LoadError(problems)
     return Engine(load(path, metrics, operations))
 
 
@@ -67,18 +79,18 @@ def validate_config(config, pm):
     if not path:
         return None
     try:
-        _ENGINES[config] = build(path, pm)
+        config.stash[ENGINE] = build(path, pm)
     except LoadError as e:
         return e.problems
     return None
 
 
 def _engine(run: Any) -> Engine | None:
-    engine = _ENGINES.get(run.config)
+    engine = run.config.stash.get(ENGINE)
     path = run.config.get(OPTION)
     if engine is None and path:  # validate_config was not called: load now
         try:
-            engine = _ENGINES[run.config] = build(path, run.pm)
+            engine = run.config.stash[ENGINE] = build(path, run.pm)
         except LoadError as e:
             raise ConfigError("invalid trainer controller config:\n  - "
                               + "\n  - ".join(e.problems)) from None

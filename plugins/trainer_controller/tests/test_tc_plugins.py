@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from fmtune import hookimpl
-from fmtune.plugins import new_manager
+from fmtune.commands import load_config
 from fmtune.testing import run_cli, write_jsonl
 from fmtune_trainer_controller import Metric, MetricUnavailable, Operation
 from fmtune_trainer_controller import plugin as tc_plugin
@@ -135,10 +135,10 @@ def test_without_the_plugin_its_classes_are_unknown(tmp_path):
 
 
 def manager(*plugins):
-    pm = new_manager()
-    for p in plugins:
-        pm.register(p, name=getattr(p, "__name__", None))
-    pm.register(tc_plugin, name="trainer_controller")
+    """A run's plugin manager: the in-test plugins registered first, then trainer_controller."""
+    _, pm, _, _ = load_config(["--plugins", "trainer_controller", "--model_name_or_path", "m",
+                               "--training_data_path", "d", "--output_dir", "o"],
+                              extra_plugins=list(plugins))
     return pm
 
 
@@ -276,3 +276,22 @@ def test_engine_handles_plugin_values_and_failures(tmp_path):
         "an action returns None or a dict with keys among should_training_stop, "
         "should_epoch_stop, should_save, should_evaluate, should_log")
     assert isinstance(engine, Engine)
+
+
+def test_the_engine_lives_on_the_runs_config(tmp_path):
+    """Per-run state is on ``config.stash`` (no module-level dictionary): two configs, two
+    engines, and the plugin module holds no mutable mapping of runs."""
+    path = controller_file(tmp_path, 1, tmp_path / "n.jsonl")
+    configs = []
+    for _ in range(2):
+        config, pm, _, _ = load_config(["--plugins", "trainer_controller",
+                                        "--trainer_controller_config_file", path,
+                                        "--model_name_or_path", "m", "--training_data_path", "d",
+                                        "--output_dir", str(tmp_path / "o")],
+                                       extra_plugins=[Extras()])
+        assert tc_plugin.validate_config(config, pm) is None
+        configs.append(config)
+    engines = [c.stash[tc_plugin.ENGINE] for c in configs]
+    assert all(isinstance(e, Engine) for e in engines) and engines[0] is not engines[1]
+    assert not [n for n, v in vars(tc_plugin).items()
+                if type(v).__name__ in ("WeakKeyDictionary", "WeakValueDictionary")]
