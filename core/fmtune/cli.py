@@ -8,6 +8,7 @@ known to be valid.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import sys
@@ -22,6 +23,12 @@ from .config import (CommandParser, ConfigError, OptionRegistry, Sources, parse_
 from . import plugins as plugin_mod
 
 log = logging.getLogger("fmtune")
+
+# plugin objects registered by `main(argv, extra_plugins)` (tests: fmtune.testing.run_cli /
+# the fmtune_run fixture) for the whole command, so that a plugin's own sub-command, which
+# builds its config with fmtune.commands.load_config, sees them too
+_IN_TEST_PLUGINS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "fmtune_in_test_plugins", default=())
 
 USAGE = """\
 usage: fmtune [--version] [--help] COMMAND ...
@@ -141,8 +148,10 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
     """Parse ``train``-style arguments into ``(config, pm, want_help, registry)``.
 
     ``activate`` names plugins to enable in any case (a plugin's own sub-command
-    passes its entry point name).
+    passes its entry point name). Without ``extra_plugins``, those given to :func:`main` for
+    this command are registered (so sub-commands of plugins see in-test plugins).
     """
+    extra_plugins = list(extra_plugins) or list(_IN_TEST_PLUGINS.get())
     config_path, cli_plugins, want_help, rest = _split_train_argv(argv)
     yaml_values = read_yaml(config_path) if config_path else {}
     names = plugin_mod.split_names(cli_plugins if cli_plugins is not None
@@ -622,6 +631,7 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
         return 2
     _setup_logging()
     _close_stdin()
+    token = _IN_TEST_PLUGINS.set(tuple(extra_plugins))
     try:
         if command is None:
             from .plugins import incompatibility
@@ -651,6 +661,8 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
     except BrokenPipeError:  # `fmtune train --help | head`
         sys.stderr.close()
         return 0
+    finally:
+        _IN_TEST_PLUGINS.reset(token)
 
 
 if __name__ == "__main__":
