@@ -6,17 +6,17 @@ import logging
 import os
 import shutil
 import tempfile
-import weakref
 
 from fmtune.config import ConfigError
-from fmtune.hub import quant_method, without_unused_gptqmodel
+from fmtune.models import quant_method, without_unused_gptqmodel
+from fmtune.stash import StashKey
 
 from .selection import init_lora_weights, mutates_base, select
 
 log = logging.getLogger("fmtune")
 
-# PiSSA/OLoRA runs: the initial adapter, saved before training, by peft model.
-INITIAL_ADAPTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# PiSSA/OLoRA runs: the folder of the initial adapter, saved before training (config.stash)
+INITIAL_ADAPTER = StashKey[str]()
 ALL_LINEAR = "all-linear"
 
 
@@ -167,7 +167,7 @@ def added_token_ids(config, tokenizer) -> list[int]:
         return []  # every embedding is new and trained from scratch anyway
     from transformers import AutoTokenizer
 
-    from fmtune.hub import from_pretrained
+    from fmtune.models import from_pretrained
 
     base = from_pretrained(AutoTokenizer.from_pretrained,
                            config.tokenizer_name_or_path or config.model_name_or_path, "tokenizer",
@@ -201,6 +201,33 @@ def invocation_tokens(config, tokenizer) -> list[int]:
     if not ids:
         raise ConfigError(f"alora_invocation_string {config.alora_invocation_string!r} has no tokens")
     return ids
+
+
+SHOWN = 10
+
+
+def find(seq: list[int], sub: list[int]) -> int:
+    """Start of the last occurrence of ``sub`` in ``seq`` (as peft finds it), or -1."""
+    n = len(sub)
+    for start in range(len(seq) - n, -1, -1):
+        if seq[start] == sub[0] and seq[start:start + n] == sub:
+            return start
+    return -1
+
+
+def check_examples(dataset, ids: list[int], text: str, split: str) -> None:
+    """Every example holds the invocation tokens; else one error naming the examples that don't."""
+    if not hasattr(dataset, "__len__"):
+        return  # a stream: checked batch by batch is not possible up front
+    missing = [i for i, row in enumerate(dataset["input_ids"]) if find(list(row), ids) < 0]
+    if missing:
+        shown = ", ".join(str(i + 1) for i in missing[:SHOWN])
+        more = f" (first {SHOWN} shown)" if len(missing) > SHOWN else ""
+        raise ConfigError(
+            f"alora: {len(missing)} of {len(dataset)} {split} examples lack the invocation "
+            f"tokens of {text!r} (ids {ids}): examples {shown}{more} (1-based, after data "
+            "processing and truncation to max_seq_length). Tokenizers can merge the invocation "
+            "string with the text around it: start it with a special token or a newline.")
 
 
 def _save_random_base(model, config) -> None:
@@ -302,12 +329,13 @@ def _peft_model(model, config, tokenizer, sel):
         lora_config = _lora_config(model, config, tokenizer, sel.method)
         peft_model = get_peft_model(model, lora_config)
         if mutates_base(lora_config.init_lora_weights):
-            _save_initial_adapter(peft_model, lora_config)
+            config.stash[INITIAL_ADAPTER] = _save_initial_adapter(peft_model)
     return peft_model
 
 
-def _save_initial_adapter(peft_model, lora_config) -> None:
-    """PiSSA/OLoRA: keep the initial adapter so the final one can be converted to plain LoRA."""
+def _save_initial_adapter(peft_model) -> str:
+    """PiSSA/OLoRA: keep the initial adapter so the final one can be converted to plain LoRA;
+    returns its folder."""
     folder = tempfile.mkdtemp(prefix="fmtune-initial-adapter-")
     cfg = peft_model.peft_config["default"]
     init = cfg.init_lora_weights
@@ -316,7 +344,7 @@ def _save_initial_adapter(peft_model, lora_config) -> None:
         peft_model.save_pretrained(folder)
     finally:
         cfg.init_lora_weights = init
-    INITIAL_ADAPTERS[peft_model] = folder
+    return folder
 
 
 def describe(sel, config) -> str:

@@ -6,6 +6,8 @@ import os
 
 from fmtune.config import CommandParser, ConfigError, parse_bool
 
+from .options import COMPUTE_DTYPES
+
 
 def merge(argv: list[str]) -> int:
     """fmtune merge [BASE] ADAPTER OUT: the base with the LoRA adapter merged in, HF format."""
@@ -18,7 +20,7 @@ def merge(argv: list[str]) -> int:
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="[BASE] ADAPTER OUT: base model folder or hub id (optional), adapter "
                              "folder, new folder for the merged model")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                         help="dtype the base is loaded and the merged model saved in")
     parser.add_argument("--trust_remote_code", type=parse_bool, default=False, nargs="?", const=True,
                         help="run Python code the base model folder ships (off by default; "

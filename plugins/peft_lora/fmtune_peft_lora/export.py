@@ -21,14 +21,16 @@ import tempfile
 from contextlib import contextmanager
 
 from fmtune.config import ConfigError
-from fmtune.files import read_json_object, write_json
+from fmtune.records import read_json_object, write_json
 
 log = logging.getLogger("fmtune")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NEW_EMBEDDINGS = "new_embeddings.safetensors"
-EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out")
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+EMBEDDING_NAMES = (*INPUT_EMBEDDINGS, *OUTPUT_EMBEDDINGS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja")
@@ -91,11 +93,16 @@ def atomic_dir(out: str):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_adapter_config(adapter: str) -> dict | None:
+    """The adapter_config.json of an adapter folder (None: unreadable)."""
+    return read_json_object(os.path.join(adapter, ADAPTER_CONFIG))
+
+
 def _adapter_config(adapter: str) -> dict:
     path = os.path.join(adapter, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise ConfigError(f"{adapter}: not an adapter folder (no {ADAPTER_CONFIG})")
-    cfg = read_json_object(path)
+    cfg = read_adapter_config(adapter)
     if cfg is None:
         raise ConfigError(f"{path}: not a readable JSON object")
     return cfg
@@ -117,8 +124,8 @@ def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "floa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fmtune.default_plugins.model import fit_to_tokenizer
-    from fmtune.hub import from_pretrained, quant_method, without_unused_gptqmodel
+    from fmtune.models import (fit_to_tokenizer, from_pretrained, quant_method,
+                               without_unused_gptqmodel)
 
     cfg = _adapter_config(adapter)
     base = _base_path(adapter, cfg, base)
@@ -234,7 +241,7 @@ def _base_config(adapter: str, cfg: dict):
     """The base model's config, through the core's loader (clear error for an uncached id)."""
     from transformers import AutoConfig
 
-    from fmtune.hub import from_pretrained
+    from fmtune.models import from_pretrained
 
     return from_pretrained(AutoConfig.from_pretrained, _base_path(adapter, cfg, None),
                            "base model config")
@@ -260,9 +267,8 @@ def _new_embeddings(adapter: str, cfg: dict, indices, rows: dict) -> dict:
                               "change base tokens: merge the adapter instead")
         order = sorted(range(len(ids)), key=lambda i: ids[i])
         by_layer[leaf] = rows[leaf][order]
-    inputs = [v for k, v in by_layer.items() if k in ("embed_tokens", "wte", "word_embeddings",
-                                                      "embed_in")]
-    outputs = [v for k, v in by_layer.items() if k in ("lm_head", "embed_out")]
+    inputs = [v for k, v in by_layer.items() if k in INPUT_EMBEDDINGS]
+    outputs = [v for k, v in by_layer.items() if k in OUTPUT_EMBEDDINGS]
     if len(inputs) != 1:
         raise ConfigError(f"{adapter}: cannot tell which trainable tokens are the input embeddings "
                           f"({', '.join(by_layer)})")

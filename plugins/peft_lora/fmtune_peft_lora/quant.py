@@ -13,7 +13,7 @@ def bnb_config(config):
     import torch
     from transformers import BitsAndBytesConfig
 
-    from fmtune.default_plugins.model import resolve_dtype
+    from fmtune.models import resolve_dtype
 
     if config.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -59,10 +59,8 @@ def load_quantized(config, tokenizer):
     """The base model with bitsandbytes linear layers (embeddings and lm_head stay unquantized)."""
     from transformers import AutoModelForCausalLM
 
-    from fmtune.default_plugins.model import load_model as load_full
-    from fmtune.default_plugins.model import (device_map, fit_to_tokenizer,
-                                              resolve_attn_implementation, resolve_dtype)
-    from fmtune.hub import from_pretrained
+    from fmtune.models import (device_map, fit_to_tokenizer, from_pretrained, load_full_model,
+                               resolve_attn_implementation, resolve_dtype)
 
     path = config.model_name_or_path
     if config.random_init_weights:
@@ -74,7 +72,7 @@ def load_quantized(config, tokenizer):
         path = base_model_dir(config)
         with state.main_process_first():
             if state.is_main_process:
-                full = load_full(config=config, tokenizer=tokenizer)
+                full = load_full_model(config, tokenizer)
                 log.info("random_init_weights: saving the random base model to %s", path)
                 full.save_pretrained(path)
                 del full

@@ -15,8 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fmtune.files import read_json_object
-
+from .export import ADAPTER_CONFIG, read_adapter_config, vllm_refusals
 from .options import FAMILY, LORA, LORA_FAMILY, PROMPT_TUNING
 
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
@@ -76,11 +75,6 @@ def explicitly_set(config, name: str) -> bool:
     return name in config and config.source(name) != "default"
 
 
-def read_adapter_config(path: str) -> dict | None:
-    """The adapter_config.json of an adapter folder (None: unreadable)."""
-    return read_json_object(os.path.join(path, "adapter_config.json"))
-
-
 def _lora_problems(config, sel: Selection) -> list[str]:
     problems = []
     if config.r < 1:
@@ -126,8 +120,6 @@ def _lora_problems(config, sel: Selection) -> list[str]:
 
 def _vllm_problems(config, sel: Selection) -> list[str]:
     """What `export-vllm` would refuse, reported before training (lora_post_process_for_vllm)."""
-    from .export import vllm_refusals
-
     return [f"lora_post_process_for_vllm: {r}" for r in vllm_refusals({
         "peft_type": "PROMPT_TUNING" if sel.method == "pt" else "LORA",
         "use_dora": config.get("use_dora"),
@@ -139,11 +131,11 @@ def _vllm_problems(config, sel: Selection) -> list[str]:
 
 def _continue_problems(config, sel: Selection) -> list[str]:
     path = config.continue_from_adapter
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return [f"continue_from_adapter: {path} has no adapter_config.json"]
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        return [f"continue_from_adapter: {path} has no {ADAPTER_CONFIG}"]
     saved = read_adapter_config(path)
     if saved is None:
-        return [f"continue_from_adapter: {path}/adapter_config.json is not a readable JSON object"]
+        return [f"continue_from_adapter: {path}/{ADAPTER_CONFIG} is not a readable JSON object"]
     kind = saved.get("peft_type")
     want = "PROMPT_TUNING" if sel.method == "pt" else "LORA"
     problems = []

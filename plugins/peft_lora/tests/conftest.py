@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fmtune import hookimpl
-from fmtune.pytest_plugin import DEMO_TEXTS
-from fmtune.testing import (DEMO_RECORDS, RunRecorder, build_tiny_model, train, train_argv,
-                            write_jsonl)
+from fmtune.testing import (DEMO_RECORDS, DEMO_TEXTS, RunRecorder, build_tiny_model, train,
+                            train_argv, write_jsonl)
 
 RECORDS = DEMO_RECORDS
 NEW_TOKENS = ["<|tool|>", "<|result|>"]

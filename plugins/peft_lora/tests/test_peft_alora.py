@@ -9,8 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fmtune.inference import generate
-from fmtune.testing import run_cli, write_jsonl
+from fmtune.testing import generate, run_cli, write_jsonl
 
 INVOCATION = " answer:"  # byte-level BPE: " answer" and ":" tokenize the same inside any text
 

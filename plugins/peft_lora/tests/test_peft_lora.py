@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fmtune import hookimpl
-from fmtune.inference import generate
-from fmtune.testing import run_cli
+from fmtune.testing import generate, run_cli
 
 TEXTS = ["translate: the red cat sees a dog =", "hello there"]
 LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -148,8 +147,7 @@ def test_bad_target_module_lists_the_linear_layers(fmtune_tiny_model, data, tmp_
 
 def wrapped(argv):
     """Config -> tokenizer -> model -> wrap_peft through the hooks, as `fmtune train` does."""
-    from fmtune.cli import load_config
-    from fmtune.pipeline import validate
+    from fmtune.commands import load_config, validate
 
     config, pm, _, _ = load_config(argv)
     validate(config, pm)
@@ -274,14 +272,14 @@ def test_continue_training_from_an_adapter(lora_run, fmtune_tiny_model, data, tm
 
 def test_failed_pissa_run_leaves_no_initial_adapter_behind(fmtune_tiny_model, data, tmp_path,
                                                            peft_helpers):
-    from fmtune_peft_lora.build import INITIAL_ADAPTERS
+    from fmtune_peft_lora.build import INITIAL_ADAPTER
 
     class Boom:
         folder = None
 
         @hookimpl
         def on_step(self, run):
-            Boom.folder = INITIAL_ADAPTERS[run.model]
+            Boom.folder = run.config.stash[INITIAL_ADAPTER]
             assert os.path.isfile(os.path.join(Boom.folder, "adapter_config.json"))
             raise RuntimeError("boom")
 

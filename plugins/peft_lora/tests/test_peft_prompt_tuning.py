@@ -11,10 +11,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fmtune.cli import load_config
-from fmtune.inference import generate
-from fmtune.pipeline import validate
-from fmtune.testing import run_cli
+from fmtune.commands import load_config, validate
+from fmtune.testing import generate, run_cli
 
 INIT_TEXT = "translate: the"
 

@@ -13,9 +13,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from fmtune.inference import load_for_inference
 from fmtune_peft_lora.quant import keep_generic_cpu_path
-from fmtune.testing import run_cli, wrapped_model
+from fmtune.testing import load_for_inference, run_cli, wrapped_model
 
 LINEARS = {"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}
 
@@ -151,8 +150,7 @@ def test_qlora_config_errors(fmtune_tiny_model, data, tmp_path, peft_helpers):
 @pytest.fixture(scope="module")
 def narrow_model(tmp_path_factory):
     """Hidden size 32: every linear layer is narrower than bitsandbytes' block of 64."""
-    from fmtune.pytest_plugin import DEMO_TEXTS
-    from fmtune.testing import build_tiny_model
+    from fmtune.testing import DEMO_TEXTS, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("narrow"), DEMO_TEXTS, hidden_size=32,
                             intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)

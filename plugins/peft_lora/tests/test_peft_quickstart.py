@@ -12,9 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from fmtune.default_plugins.data import read_records
-from fmtune.inference import exact_match, load_for_inference
-from fmtune.testing import run_cli
+from fmtune.records import read_records
+from fmtune.testing import exact_match, load_for_inference, run_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 

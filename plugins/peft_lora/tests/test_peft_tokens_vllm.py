@@ -11,8 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fmtune.inference import load_for_inference
-from fmtune.testing import run_cli
+from fmtune.testing import load_for_inference, run_cli
 
 TEXTS = ["translate: the red cat sees a dog = <|tool|>", "<|result|> four <|tool|>"]
 
