@@ -7,9 +7,7 @@ import shutil
 import sys
 import tempfile
 
-from fmtune.cli import load_config, train_help
-from fmtune.config import CommandParser
-from fmtune.pipeline import validate
+from fmtune.commands import CommandParser, load_config, train_help, validate
 
 from . import plugin
 

@@ -10,12 +10,14 @@ A handler is a function plus a kind:
 * ``filter``: ``fn(batch, **fn_kwargs) -> list[bool]`` (or one bool unbatched);
 * ``dataset``: ``fn(dataset, **fn_kwargs) -> dataset``.
 
-fmtune passes ``tokenizer`` and ``max_seq_length`` to any handler whose
-signature names them. A data_config's ``fn_kwargs`` must be parameters the function names;
+fmtune passes ``tokenizer``, ``max_seq_length`` and ``chat_template`` to any handler whose
+signature names them (or takes ``**kwargs``), and the run's ``config`` to one that names
+``config``. A data_config's ``fn_kwargs`` must be parameters the function names;
 ``**_`` takes what fmtune passes and checks nothing, ``**kwargs`` (any other name) accepts any
-key. A handler refuses one record with ``RecordError(index_in_batch, problem)``: fmtune names
-the record's file and line. Third-party plugins register handlers with the
-``register_data_handlers(register)`` hook: ``register(name, fn, kind="map")``;
+key. A handler refuses one record with ``RecordError(index_in_batch, problem)`` (a handler of
+one record may raise ``DataError(problem)``): fmtune names the record's file and line.
+Third-party plugins register handlers with this plugin's ``register_data_handlers(register,
+config)`` hook (:mod:`.hookspecs`): ``register(name, fn, kind="map")``;
 ``batch_only=True`` declares a map/filter function written for batches only, which
 fmtune then runs on batches even under ``batched: false`` (fms-hf-tuning's configs
 set it on most handlers). For a function of each record alone the rows are the same.
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fmtune.config import suggest
-from fmtune.default_plugins.data import join  # the core's (fms-hf-tuning's) separator rule
+from fmtune.plugins import collect as collect_registry
+from fmtune.records import join  # the core's (fms-hf-tuning's) separator rule
 
 from .chat import ChatRenderer
 from .loading import ROW, DataError, RecordError
@@ -49,6 +52,15 @@ class Handler:
     def accepts(self, arg: str) -> bool:
         params = inspect.signature(self.fn).parameters
         return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def names(self, arg: str) -> bool:
+        """Whether the function names ``arg`` as a parameter (``**kwargs`` does not count)."""
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            return False
+        return arg in params and params[arg].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)
 
     def arguments(self) -> list[str] | None:
         """The ``fn_kwargs`` keys the function takes: the parameters it names after the batch
@@ -89,10 +101,23 @@ class Registry:
         return self.handlers[name]
 
 
-def collect(pm) -> Registry:
+def _entry(fn: Callable[..., Any], kind: str = "map", batch_only: bool = False) -> tuple:
+    """What ``register(name, fn, kind="map", batch_only=False)`` stores, checked."""
+    if not callable(fn):
+        raise ValueError(f"must be a function, got {type(fn).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return fn, kind, bool(batch_only)
+
+
+def collect(pm, config=None) -> Registry:
+    """The handlers the active plugins register through ``register_data_handlers`` (this
+    plugin's hook, :mod:`.hookspecs`); an implementation that names ``config`` gets it."""
+    found = collect_registry(pm, "register_data_handlers", "data handler", make=_entry,
+                            config=config)
     registry = Registry()
-    for impl in pm.hook.register_data_handlers.get_hookimpls():
-        impl.function(registry.register_for(impl.plugin_name))
+    for name, (fn, kind, batch_only) in found.items():
+        registry.handlers[name] = Handler(name, fn, kind, found.owners[name], batch_only)
     return registry
 
 

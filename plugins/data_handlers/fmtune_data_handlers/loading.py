@@ -14,16 +14,12 @@ import os
 import re
 from typing import Any
 
-from fmtune.config import ConfigError
+from fmtune.records import DataError  # bad data: the message names file, record and field
 
 log = logging.getLogger("fmtune")
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",
             ".csv": "csv"}
-
-
-class DataError(ConfigError):
-    """Bad data: the message names the file, the record and the field."""
 
 
 class RecordError(DataError):
@@ -234,7 +230,7 @@ def _json_records(path: str):
                 yield f"{path}:{lineno}", json.loads(line)
 
 
-def _json_kind(value) -> str | None:
+def json_kind(value) -> str | None:
     if value is None:
         return None
     for kind, name in ((bool, "a boolean"), (str, "a string"), ((int, float), "a number"),
@@ -252,15 +248,172 @@ def raise_type_clash(files: list[str]) -> None:
         for path in files:
             for where, rec in _json_records(path):
                 for name, value in rec.items() if isinstance(rec, dict) else ():
-                    kind = _json_kind(value)
+                    kind = json_kind(value)
                     if kind is None:
                         continue
                     seen = first.setdefault(name, (kind, where))
                     if seen[0] != kind:
-                        raise DataError(f"{where}: field {name!r} is {kind} here and {seen[0]} "
-                                        f"at {seen[1]}; give a field one type in all records")
+                        raise DataError(_clash(where, name, kind, seen[0], seen[1]))
     except (OSError, ValueError):
         return
+
+
+def _clash(where: str, name: str, kind: str, other: str, other_where: str) -> str:
+    return (f"{where}: field {name!r} is {kind} here and {other} at {other_where}; give a "
+            "field one type in all records")
+
+
+# datasets' JSON loader reads a file this many bytes at a time. A field's type is the one it
+# has in the first chunk of the first file (a field of mixed types there is kept as JSON values,
+# datasets' Json type); later chunks and files are cast to it: 3 becomes "3", and in a chunk
+# that itself mixes types every value becomes JSON text ('"b"').
+JSON_CHUNK = 10 << 20
+_PA_KINDS = {"string": "a string", "number": "a number", "boolean": "a boolean",
+             "object": "an object", "array": "a list"}
+_CHANGED = re.compile(r"Column\((.*)\) changed from (\w+) to (\w+)")
+
+
+def _keeps_json(feature) -> bool:
+    """Whether datasets keeps (part of) a field as JSON values: they reach handlers as read."""
+    from datasets import Json, LargeList, List
+
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_keeps_json(f) for f in feature.values())
+    return isinstance(feature, (List, LargeList)) and _keeps_json(feature.feature)
+
+
+def _json_lines(path: str):
+    """A JSON/JSONL file as something pyarrow's JSON Lines reader reads (a JSON list is
+    converted, as datasets converts it)."""
+    import io
+
+    with open(path, encoding="utf-8") as f:
+        if f.read(4096).lstrip().startswith("["):
+            f.seek(0)
+            return io.BytesIO("\n".join(json.dumps(r) for r in json.load(f)).encode())
+    return path
+
+
+def _values_at(value, parts: list[str]):
+    if not parts:
+        yield value
+    elif parts[0] == "[]" and isinstance(value, list):
+        for v in value:
+            yield from _values_at(v, parts[1:])
+    elif isinstance(value, dict) and parts[0] in value:
+        yield from _values_at(value[parts[0]], parts[1:])
+
+
+def _first_with(files: list[str], parts: list[str], kind: str) -> str | None:
+    for path in files:
+        for where, rec in _json_records(path):
+            if any(json_kind(v) == kind for v in _values_at(rec, parts)):
+                return where
+    return None
+
+
+def raise_cast_types(files: list[str], features) -> None:
+    """A value datasets would cast to its field's type (see :data:`JSON_CHUNK`; ``3`` in a
+    later file or past the first 10 MB would arrive as ``"3"``), as one line naming the record,
+    the field and both types. Read with pyarrow's JSON reader against the loaded types (the
+    records are looked at only to name the one). One file of one chunk needs no check: datasets
+    types each field from all of its values."""
+    if not features or (len(files) == 1 and os.path.getsize(files[0]) <= JSON_CHUNK):
+        return
+    import pyarrow as pa
+    import pyarrow.json as paj
+    from datasets import Features
+
+    checked = Features({n: f for n, f in features.items() if not _keeps_json(f)})
+    if not checked:
+        return
+    options = paj.ParseOptions(explicit_schema=checked.arrow_schema,
+                               unexpected_field_behavior="ignore")
+    for k, path in enumerate(files):
+        try:
+            for _ in paj.open_json(_json_lines(path), parse_options=options):
+                pass
+        except (pa.ArrowInvalid, OSError, ValueError) as e:
+            found = _CHANGED.search(str(e))
+            if not found or found.group(2) not in _PA_KINDS or found.group(3) not in _PA_KINDS:
+                continue  # not a type clash: the loader's business
+            parts = [p for p in found.group(1).split("/") if p]
+            name = "".join(p if p == "[]" or not i else f".{p}" for i, p in enumerate(parts))
+            was, now = _PA_KINDS[found.group(2)], _PA_KINDS[found.group(3)]
+            where = _first_with([path], parts, now)
+            if where:
+                first = _first_with(files[:k + 1], parts, was) or "the first records"
+                raise DataError(_clash(where, name, now, was, first)) from None
+
+
+def _arrow_kind(t) -> str | None:
+    import pyarrow as pa
+
+    if pa.types.is_null(t):
+        return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "a string"
+    if pa.types.is_boolean(t):
+        return "a boolean"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "a number"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return "a list"
+    if pa.types.is_struct(t):
+        return "an object"
+    return str(t)
+
+
+def _types_clash(a, b) -> bool:
+    """Whether datasets would cast values of Arrow type ``b`` to ``a`` across kinds (a null
+    type, of an all-null or empty column, clashes with nothing)."""
+    ka, kb = _arrow_kind(a), _arrow_kind(b)
+    if ka is None or kb is None:
+        return False
+    if ka != kb:
+        return True
+    if ka == "a list":
+        return _types_clash(a.value_type, b.value_type)
+    if ka == "an object":
+        names = {f.name for f in b}
+        return any(_types_clash(f.type, b.field(f.name).type) for f in a if f.name in names)
+    return False
+
+
+def _arrow_schema(path: str, kind: str | None):
+    import pyarrow as pa
+
+    if (kind or BUILDERS.get(os.path.splitext(path)[1])) == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(path)
+    try:  # datasets writes Arrow IPC streams; other tools write IPC files
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_stream(source).schema
+    except pa.ArrowInvalid:
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_file(source).schema
+
+
+def raise_schema_clash(files: list[str], kind: str | None = None) -> None:
+    """A Parquet/Arrow file whose column has another kind of type than in the dataset's first
+    file (datasets would cast it: 3 becomes "3"), as one line naming both files. ``kind``:
+    "parquet" or "arrow" (None: by each file's extension)."""
+    first: dict[str, tuple[Any, str]] = {}  # column -> (type, file)
+    for path in files if len(files) > 1 else ():
+        try:
+            schema = _arrow_schema(path, kind)
+        except (OSError, ValueError):  # the loader reports an unreadable file
+            return
+        for f in schema:
+            seen = first.setdefault(f.name, (f.type, path))
+            if _types_clash(seen[0], f.type):
+                raise DataError(
+                    f"{path}: column {f.name!r} is {_arrow_kind(f.type)} ({f.type}) here and "
+                    f"{_arrow_kind(seen[0])} ({seen[0]}) in {seen[1]}; give a column one type "
+                    "in all files")
 
 
 def utf8_error(path: str, chunk_size: int = 1 << 20) -> str | None:
@@ -311,6 +464,8 @@ def load_files(files: list[str], builder: str | None = None, streaming: bool = F
             err = utf8_error(f)
             if err:
                 raise DataError(err)
+    if kind in ("parquet", "arrow"):
+        raise_schema_clash(files, kind)
     try:
         ds = load_dataset(kind, data_files=files, split="train", streaming=streaming)
     except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types
@@ -322,6 +477,8 @@ def load_files(files: list[str], builder: str | None = None, streaming: bool = F
     if streaming and kind == "json":
         # a stream reads lazily: check the files now, so a bad line fails before training
         raise_json_errors(files)
+    if kind == "json":
+        raise_cast_types(files, ds.features)
     if not streaming and len(ds) == 0:
         raise DataError(f"{', '.join(files)}: no records")
     return ds
@@ -506,7 +663,7 @@ def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
     """
     from datasets import concatenate_datasets
 
-    parts = []
+    parts, loaded = [], []  # the datasets, and (file, kind) of the files loaded for them
     for path in split_paths(paths):
         if os.path.isdir(path) and saved_kind(path):
             parts.append(load_saved(path, streaming, split))
@@ -524,6 +681,7 @@ def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
                             "split 'train' (named splits come from a hub id or a folder)")
         if files:
             parts.append(load_files(files, builder, streaming))
+            loaded += [(f, builder or BUILDERS[os.path.splitext(f)[1]]) for f in files]
             if origins is not None:
                 origins.add(parts[-1], builder or BUILDERS[os.path.splitext(files[0])[1]],
                             files)
@@ -542,6 +700,9 @@ def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
         try:
             ds = concatenate_datasets(parts)
         except ValueError as e:
+            # a field of another type in another path's files
+            raise_type_clash([f for f, kind in loaded if kind == "json"])
+            raise_schema_clash([f for f, kind in loaded if kind in ("parquet", "arrow")])
             raise DataError(f"{', '.join(split_paths(paths))}: cannot be combined (different "
                             f"columns?): {e}") from None
     return add_row_numbers(ds) if origins is not None else ds

@@ -9,9 +9,9 @@ segment by segment and concatenated, so no token ever crosses a boundary and
 the trained tokens decode exactly to the completion text.
 
 Texts are cut to what ``max_length`` tokens can reach before they are tokenized
-(``fmtune.truncation``): the segments of an example keep at most that many characters in all,
-counted from the start, so a 50 MB record is not tokenized whole; the first ``max_length``
-tokens, and whether the row counts as truncated, stay the same.
+(``fmtune.records.char_budget``, ``cut``): the segments of an example keep at most that many
+characters in all, counted from the start, so a 50 MB record is not tokenized whole; the first
+``max_length`` tokens, and whether the row counts as truncated, stay the same.
 
 Each encoded row gets a ``status`` used for the counts shown by ``fmtune data
 preview``: ``ok``, ``truncated``, or ``dropped: <reason>``.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from fmtune import truncation
+from fmtune.records import char_budget, cut
 
 IGNORE = -100
 Segments = list[tuple[str, bool]]
@@ -41,7 +41,7 @@ def budget_for(tokenizer, max_length: int | None) -> int | None:
     (None: no limit)."""
     if not max_length or max_length >= sys.maxsize:
         return None
-    return truncation.char_budget(tokenizer, max_length)
+    return char_budget(tokenizer, max_length)
 
 
 def cut_segments(segs: Segments, budget: int | None) -> Segments:
@@ -53,7 +53,7 @@ def cut_segments(segs: Segments, budget: int | None) -> Segments:
     for text, trained in segs:
         if left <= 0:
             break
-        text = truncation.cut(text, left)
+        text = cut(text, left)
         out.append((text, trained))
         left -= len(text)
     return out

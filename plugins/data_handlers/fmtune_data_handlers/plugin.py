@@ -6,19 +6,32 @@ import logging
 import os
 
 from fmtune import hookimpl
+from fmtune.config import ConfigError
+from fmtune.records import chat_template_names, missing_eval_data
+
+from . import hookspecs
 
 log = logging.getLogger("fmtune")
+
+
+@hookimpl
+def add_hookspecs(pluginmanager):
+    """This plugin's registry hook, ``register_data_handlers`` (:mod:`.hookspecs`)."""
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 @hookimpl
 def add_options(register):
     register("data_config_path", str, None, "data_config YAML (fms-hf-tuning schema): datasets, "
              "handlers, sampling, splits; replaces training_data_path.")
+    register("data_handlers", list, None, "Data handlers (by name, from any active plugin) "
+             "applied in order to training_data_path and validation_data_path, before the "
+             "data is tokenized as the other flags say: a handler plugin's format without a "
+             "data_config. Their options come from the config (plugin options).")
     register("dataset_conversation_field", str, "messages", "Column holding chat messages.")
-    from fmtune.chat_templates import names
-
     register("chat_template", str, None, "Chat template: a built-in name "
-             f"({', '.join(names())}), a file (Jinja text; a tokenizer_config.json or tokenizer "
+             f"({', '.join(chat_template_names())}), a file (Jinja text; a "
+             "tokenizer_config.json or tokenizer "
              "folder is read for its template) or the Jinja text itself (default: the "
              "tokenizer's). A template the chat data is rendered with is saved with the "
              "trained tokenizer (final folder and checkpoints).", shared=True)
@@ -45,6 +58,18 @@ def validate_config(config, pm):
                         "lists the data files")
     if config.dataset_text_field and config.data_formatter_template:
         problems.append("dataset_text_field and data_formatter_template are exclusive: set one")
+    if config.data_handlers and config.data_config_path:
+        problems.append("data_handlers and data_config_path are exclusive: list the handlers "
+                        "in the data_config (datasets[].data_handlers)")
+    elif config.data_handlers:
+        from .handlers import collect
+
+        registry = collect(pm, config)
+        for k, name in enumerate(config.data_handlers):
+            try:
+                registry.get(name, f"data_handlers[{k}]")
+            except ConfigError as e:
+                problems.append(str(e))
     if config.data_config_path and not os.path.isfile(config.data_config_path):
         problems.append(f"data_config_path: {config.data_config_path} not found")
     elif config.data_config_path:
@@ -53,7 +78,7 @@ def validate_config(config, pm):
         from .processing import read_data_config
 
         try:
-            dc = read_data_config(config.data_config_path, collect(pm))
+            dc = read_data_config(config.data_config_path, collect(pm, config))
             if dc.streaming and (config.max_steps or -1) <= 0:
                 problems.append(f"{config.data_config_path}: dataprocessor.streaming needs "
                                 "max_steps (a stream has no length)")
@@ -67,18 +92,14 @@ def validate_config(config, pm):
     elif config.training_data_path:
         problems += _pretokenized_problems(config, None)
     if config.chat_template is not None:
-        from fmtune.config import ConfigError
-
         from .chat import configured_template
 
         try:
             configured_template(config)
         except ConfigError as e:
             problems.append(str(e))
-    if config.eval_strategy != "no" and not (config.validation_data_path or config.data_config_path):
-        problems.append(f"eval_strategy={config.eval_strategy} needs validation data "
-                        "(validation_data_path, or a split in the data_config)")
-    return problems
+    problems.append(missing_eval_data(config, "validation_data_path", "data_config_path"))
+    return [p for p in problems if p]
 
 
 # fms-hf-tuning's flags that describe how to turn text into tokens
@@ -141,7 +162,7 @@ def prepare(config, tokenizer, pm):
 
         raise DataError("the data handlers need a fast tokenizer (tokenizer.json) for exact masks")
     add_tokens(config, tokenizer)
-    registry = collect(pm)
+    registry = collect(pm, config)
     dc = read_data_config(config.data_config_path, registry) if config.data_config_path else None
     return run(config, tokenizer, registry, dc, config.validation_data_path)
 
@@ -167,9 +188,7 @@ def keep_template(tokenizer, used: list[str]) -> None:
     it and ``fmtune generate --chat`` renders prompts as in training. Not for several
     templates (which one?) or a record-form one (``messages['messages']``: inference passes
     a list of messages)."""
-    from fmtune import chat_templates
-
-    from .chat import record_keys
+    from .chat import MARKERS, builtin_name, record_keys
 
     if not used or used == [tokenizer.chat_template]:
         return
@@ -186,9 +205,9 @@ def keep_template(tokenizer, used: list[str]) -> None:
                     ", ".join(f"messages[{k!r}]" for k in record_keys(template)))
         return
     tokenizer.chat_template = template
-    name = chat_templates.name_of(template)
+    name = builtin_name(template)
     vocab = tokenizer.get_vocab()
-    missing = [m for m in chat_templates.MARKERS.get(name, ()) if m not in vocab]
+    missing = [m for m in MARKERS.get(name, ()) if m not in vocab]
     log.info("the chat template%s is saved with the tokenizer", f" {name!r}" if name else "")
     if missing:
         log.warning("chat template %r: %s %s not in the tokenizer's vocabulary, so %s trained "

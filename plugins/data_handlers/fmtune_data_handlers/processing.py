@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from fmtune.config import load_yaml_text, suggest
 
 from .chat import CHAT_HANDLERS, configured_template, require_template
 from .handlers import KEEP_ROW, Registry
-from .loading import ROW, DataError, Origins, RecordError, load_paths, split_paths
+from .loading import ROW, DataError, Origins, RecordError, json_kind, load_paths, split_paths
 
 log = logging.getLogger("fmtune")
 
@@ -91,7 +91,7 @@ def _check(value: Any, schema_key: str, where: str, required: tuple[str, ...] = 
             raise DataError(f"{where}.{key}: unknown key{suggest(str(key), schema)}; "
                             f"allowed: {', '.join(schema)}")
         want = schema[key]
-        ok = isinstance(v, want) if not (want is float) else isinstance(v, (int, float)) \
+        ok = isinstance(v, want) if want is not float else isinstance(v, (int, float)) \
             and not isinstance(v, bool)
         if not ok:
             names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
@@ -108,15 +108,15 @@ def _chat_template(proc: dict, path: str, base: str) -> str | None:
     given = [k for k in CHAT_TEMPLATE_KEYS if proc.get(k) is not None]
     if len(given) > 1:
         raise DataError(f"{path}: dataprocessor: {' and '.join(given)} are exclusive; give one")
-    from fmtune import chat_templates
     from fmtune.config import ConfigError
+    from fmtune.records import resolve_chat_template
 
     if not given:
         return None
     key = given[0]
     if key == "chat_template":  # a built-in name, a file or the text, as --chat_template
         try:
-            return chat_templates.resolve(proc["chat_template"], f"dataprocessor.{key}", base)
+            return resolve_chat_template(proc["chat_template"], f"dataprocessor.{key}", base)
         except ConfigError as e:
             raise DataError(f"{path}: {e}") from None
     if key == "chat_template_base64":
@@ -135,9 +135,11 @@ def _chat_template(proc: dict, path: str, base: str) -> str | None:
             raise DataError(f"{path}: dataprocessor.chat_template_path: {name}: file not found")
         with open(found, encoding="utf-8") as f:
             text = f.read()
-    why = chat_templates.problem(text)
-    if why:
-        raise DataError(f"{path}: dataprocessor.{key}: {why}")
+    if any(m in text for m in ("{{", "{%", "{#")):  # else plain text: nothing to compile
+        try:
+            resolve_chat_template(text, f"dataprocessor.{key}")
+        except ConfigError as e:
+            raise DataError(f"{path}: {e}") from None
     return text
 
 
@@ -214,8 +216,9 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
             args = _check(h.get("arguments") or {}, "arguments", f"{hw}.arguments")
             handler = registry.get(h["name"], f"{hw}.name")
             fn_kwargs = dict(args.get("fn_kwargs") or {})
-            takes = handler.arguments()  # less the tokenizer, which fmtune passes
-            takes = None if takes is None else [k for k in takes if k != "tokenizer"]
+            takes = handler.arguments()  # less the tokenizer and config, which fmtune passes
+            takes = None if takes is None else [k for k in takes
+                                                if k not in ("tokenizer", "config")]
             for key in fn_kwargs if takes is not None else ():
                 if key not in takes:
                     raise DataError(
@@ -301,6 +304,8 @@ def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_templ
         kwargs.setdefault("max_seq_length", config.max_seq_length)
     if chat_template and handler.accepts("chat_template"):
         kwargs.setdefault("chat_template", chat_template)
+    if handler.names("config"):  # the run's Config (plugin options); named, not via **kwargs
+        kwargs["config"] = config
     if step.name in CHAT_HANDLERS:  # before any record is read, with the dataset's name
         require_template(tokenizer, kwargs.get("chat_template"), f"{where} ({step.name})")
     if used is not None and kwargs.get("chat_template") and kwargs["chat_template"] not in used:
@@ -356,11 +361,21 @@ class Located:
             rows = data[ROW]
             data = {k: data[k] for k in data if k != ROW}
         try:
-            return self.fn(data, *args, **kwargs)
+            out = self.fn(data, *args, **kwargs)
         except RecordError as e:
             row = rows[e.index] if isinstance(rows, list) and e.index < len(rows) else (
                 None if isinstance(rows, list) else rows)
             raise locate(e, row, self.origins, self.where) from None
+        except DataError as e:  # a handler of one record: the error is about that record
+            if rows is None or isinstance(rows, list):
+                raise
+            raise locate(RecordError(0, str(e)), rows, self.origins, self.where) from None
+        if rows is not None and isinstance(out, dict):
+            # a map of one record, or of a batch to as many rows: the rows keep their numbers
+            if not isinstance(rows, list) or all(
+                    isinstance(v, Sized) and len(v) == len(rows) for v in out.values()):
+                out = {**out, ROW: rows}
+        return out
 
 
 def _plain_dataset(ds) -> bool:
@@ -412,8 +427,11 @@ class ArrowBatches:
         columns = {}
         for name, values in out.items():
             if not isinstance(values, (pa.Array, pa.ChunkedArray)):
-                values = pa.array(values) if _arrow_backed(values) else pa.array(
-                    OptimizedTypedSequence(values, col=name))
+                try:
+                    values = pa.array(values) if _arrow_backed(values) else pa.array(
+                        OptimizedTypedSequence(values, col=name))
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise self.mixed(name, values, rows, e) from None
             columns[name] = values
         kept = [c for c in table.column_names if c not in self.remove and c not in columns]
         sizes = {len(v) for v in columns.values()}
@@ -424,9 +442,26 @@ class ArrowBatches:
         names = [c for c in table.column_names if c not in self.remove]
         names += [c for c in columns if c not in names]  # Dataset.map's column order
         out = {c: columns[c] if c in columns else table[c] for c in names}
-        if rows is not None and ROW not in self.remove and sizes <= {table.num_rows}:
-            out[ROW] = rows
+        if rows is not None and (sizes == {table.num_rows} or
+                                 (ROW not in self.remove and sizes <= {table.num_rows})):
+            out[ROW] = rows  # kept (the rows are the batch's) unless the handler changes them
         return pa.table(out)
+
+    def mixed(self, name: str, values, rows, error: Exception) -> DataError:
+        """A column the handler returned that Arrow cannot store (values of several types),
+        as one line naming the first record of another type than the column's first value."""
+        kinds = [json_kind(v) for v in values]
+        first = next((k for k in kinds if k is not None), None)
+        at = next((i for i, k in enumerate(kinds) if k not in (None, first)), None)
+        place = None
+        if at is not None and rows is not None and at < len(rows) and self.origins is not None:
+            place = self.origins.where(int(rows[at].as_py()))
+        if at is None:
+            return DataError(f"{self.where}: the handler returned column {name!r}, which cannot "
+                             f"be stored: {str(error).splitlines()[0]}")
+        return DataError(f"{place or f'{self.where}: record {at + 1} of this batch'}: column "
+                         f"{name!r} returned by {self.where} is {kinds[at]} here and {first} "
+                         "in earlier records; a handler returns one type per column")
 
 
 def _arrow_backed(values) -> bool:
@@ -512,8 +547,11 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
     from datasets import concatenate_datasets, interleave_datasets
 
     given = configured_template(config)
+    # --data_handlers: handlers applied to the data files of the flags, as a data_config would
+    flag_steps = [Step(name) for name in getattr(config, "data_handlers", None) or []]
     if dc is None:
-        dc = DataConfig([DatasetSpec("training_data", split_paths(config.training_data_path))],
+        dc = DataConfig([DatasetSpec("training_data", split_paths(config.training_data_path),
+                                     steps=flag_steps)],
                         seed=config.seed, chat_template=given)
     chat_template = given or dc.chat_template
     for spec in dc.datasets:  # a data_config's chat handlers: checked before any data loads
@@ -526,25 +564,26 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
 
     def run_steps(spec: DatasetSpec, ds, origins: Origins):
         flags = dc.source == "flags"
-        steps = steps_from_flags(config, columns(ds)) if flags else spec.steps
+        steps = steps_from_flags(config, columns(ds)) if flags and not spec.steps else spec.steps
         for k, step in enumerate(steps):
-            ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
-                            f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]", used,
+            where = (f"data_handlers[{k}] ({step.name})" if flags and spec.steps else
+                     f"{dc.source}: datasets[{spec.name}].data_handlers[{k}]")
+            ds = apply_step(ds, step, registry, tokenizer, config, chat_template, where, used,
                             origins)
-        if not flags and "input_ids" not in columns(ds):
+        if (not flags or spec.steps) and "input_ids" not in columns(ds):
+            label = "data_handlers" if flags else f"{dc.source}: datasets[{spec.name}]"
             # fms-hf-tuning's chain: handlers that only format text, then the trainer
             # tokenizes dataset_text_field (with response/instruction templates)
             try:
                 more = steps_from_flags(config, columns(ds))
             except DataError as e:
-                raise DataError(f"{dc.source}: datasets[{spec.name}]: after the data handlers "
-                                f"there is no input_ids column; {e}") from None
-            log.info("%s: datasets[%s]: tokenizing with %s after the data handlers", dc.source,
-                     spec.name, ", ".join(s.name for s in more))
+                raise DataError(f"{label}: after the data handlers there is no input_ids "
+                                f"column; {e}") from None
+            log.info("%s: tokenizing with %s after the data handlers", label,
+                     ", ".join(s.name for s in more))
             for k, step in enumerate(more):
                 ds = apply_step(ds, step, registry, tokenizer, config, chat_template,
-                                f"{dc.source}: datasets[{spec.name}]: {step.name}", used,
-                                origins)
+                                f"{label}: {step.name}", used, origins)
         return ds
 
     train_parts = []
@@ -560,7 +599,9 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
                                               spec.name, counts["train"], dc.streaming)))
 
     if validation_paths:
-        spec, origins = DatasetSpec("validation_data", split_paths(validation_paths)), Origins()
+        spec = DatasetSpec("validation_data", split_paths(validation_paths),
+                           steps=flag_steps if dc.source == "flags" else [])
+        origins = Origins()
         ds = load_paths(spec.data_paths, origins=origins)
         valids.append(_finish(run_steps(spec, ds, origins), "validation_data",
                               counts["validation"], dc.streaming))

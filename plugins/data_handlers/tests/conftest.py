@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fmtune.testing import build_tokenizer
-from fmtune.pytest_plugin import DEMO_TEXTS
+from fmtune.testing import DEMO_TEXTS, build_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"

@@ -9,8 +9,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-from fmtune.cli import load_config
-from fmtune.pipeline import validate
+from fmtune.commands import load_config, validate
 from fmtune.testing import build_tokenizer, run_cli, write_jsonl
 from fmtune_data_handlers.chat import record_keys
 from fmtune_data_handlers.loading import DataError, expand

@@ -13,8 +13,7 @@ import textwrap
 import pytest
 from datasets import Dataset
 
-from fmtune.cli import load_config
-from fmtune.pipeline import validate
+from fmtune.commands import load_config, validate
 from fmtune.testing import run_cli, write_jsonl
 from fmtune_data_handlers.plugin import prepare
 

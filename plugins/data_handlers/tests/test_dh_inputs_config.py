@@ -11,9 +11,8 @@ import textwrap
 import pytest
 
 from fmtune import hookimpl
-from fmtune.cli import load_config
+from fmtune.commands import load_config, validate
 from fmtune.config import ConfigError
-from fmtune.pipeline import validate
 from fmtune.testing import run_cli, write_jsonl
 from fmtune_data_handlers.plugin import prepare
 

@@ -3,7 +3,7 @@ chat (multi-turn, templates), pretokenized; prompt/completion boundary never mer
 
 from __future__ import annotations
 
-from fmtune.cli import load_config
+from fmtune.commands import load_config
 from fmtune.testing import write_jsonl
 from fmtune_data_handlers.plugin import prepare
 

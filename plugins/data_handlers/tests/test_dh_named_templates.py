@@ -1,6 +1,6 @@
 """``--chat_template`` and ``dataprocessor.chat_template`` take a built-in name, a file or the
-text (``fmtune.chat_templates``), checked at config time; the template the chat data is
-rendered with becomes the run's tokenizer's (so every save carries it), except a record-form
+text (``fmtune.records.resolve_chat_template``), checked at config time; the template the chat
+data is rendered with becomes the run's tokenizer's (so every save carries it), except a record-form
 template or several different ones."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import logging
 
 import pytest
 
-from fmtune import chat_templates
-from fmtune.cli import load_config
+from fmtune.commands import load_config, validate
 from fmtune.config import ConfigError
-from fmtune.pipeline import validate
+from fmtune.records import resolve_chat_template
 from fmtune.testing import build_tokenizer, write_jsonl
 from fmtune_data_handlers.plugin import keep_template, prepare
 
+CHATML = resolve_chat_template("chatml")
 CONV = [{"role": "user", "content": "what is two plus two?"},
         {"role": "assistant", "content": "four"}]
 LIST_FORM = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -39,7 +39,7 @@ def ids_of(prepared):
 
 
 def chatml_ids(tok):
-    text = tok.apply_chat_template(CONV, chat_template=chat_templates.CHATML, tokenize=False)
+    text = tok.apply_chat_template(CONV, chat_template=CHATML, tokenize=False)
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -48,12 +48,12 @@ def test_flag_takes_a_name(tmp_path, tok):
     config, pm = configured(tmp_path, "--training_data_path", data, "--chat_template", "chatml")
     prepared = prepare(config, tok, pm)
     assert ids_of(prepared) == [chatml_ids(tok)]
-    assert prepared.chat_templates == [chat_templates.CHATML]
+    assert prepared.chat_templates == [CHATML]
 
 
 def test_data_config_chat_template_takes_a_name_or_a_file(tmp_path, tok):
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONV}])
-    (tmp_path / "t.jinja").write_text(chat_templates.CHATML)
+    (tmp_path / "t.jinja").write_text(CHATML)
     for value in ("chatml", "t.jinja"):  # a file relative to the data_config's folder
         dc = tmp_path / "dc.yaml"
         dc.write_text(f"dataprocessor:\n  chat_template: {value}\n"
@@ -61,7 +61,7 @@ def test_data_config_chat_template_takes_a_name_or_a_file(tmp_path, tok):
         config, pm = configured(tmp_path, "--data_config_path", str(dc))
         prepared = prepare(config, tok, pm)
         assert ids_of(prepared) == [chatml_ids(tok)], value
-        assert prepared.chat_templates == [chat_templates.CHATML]
+        assert prepared.chat_templates == [CHATML]
 
 
 @pytest.mark.parametrize("proc, message", [
@@ -91,13 +91,13 @@ def test_flag_errors_at_config_time(tmp_path):
 
 def test_yaml_template_file_is_found_next_to_the_config(tmp_path, tok, monkeypatch):
     (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "t.jinja").write_text(chat_templates.CHATML)
+    (tmp_path / "cfg" / "t.jinja").write_text(CHATML)
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONV}])
     cfg = tmp_path / "cfg" / "run.yaml"
     cfg.write_text(f"chat_template: t.jinja\ntraining_data_path: {data}\n")
     monkeypatch.chdir(tmp_path)
     config, pm = configured(tmp_path, "--config", str(cfg))
-    assert prepare(config, tok, pm).chat_templates == [chat_templates.CHATML]
+    assert prepare(config, tok, pm).chat_templates == [CHATML]
 
 
 def test_keep_template(tok, caplog):
@@ -106,11 +106,11 @@ def test_keep_template(tok, caplog):
     with caplog.at_level(logging.WARNING, logger="fmtune"):
         keep_template(tok, [RECORD_FORM])
         assert not tok.chat_template and "record form" in caplog.text
-        keep_template(tok, [LIST_FORM, chat_templates.CHATML])
+        keep_template(tok, [LIST_FORM, CHATML])
         assert not tok.chat_template and "2 different chat templates" in caplog.text
         caplog.clear()
-        keep_template(tok, [chat_templates.CHATML])
-    assert tok.chat_template == chat_templates.CHATML
+        keep_template(tok, [CHATML])
+    assert tok.chat_template == CHATML
     assert "--add_special_tokens <|im_start|> <|im_end|>" in caplog.text
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     caplog.clear()

@@ -9,8 +9,7 @@ import pyarrow as pa
 import pytest
 from datasets import Dataset
 
-from fmtune.cli import load_config
-from fmtune.pipeline import validate
+from fmtune.commands import load_config, validate
 from fmtune.testing import run_cli, write_jsonl
 
 RECS = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}] * 4

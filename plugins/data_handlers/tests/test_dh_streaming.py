@@ -12,8 +12,7 @@ import pyarrow as pa
 import pytest
 from datasets import Dataset
 
-from fmtune.cli import load_config
-from fmtune.pipeline import validate
+from fmtune.commands import load_config, validate
 from fmtune.testing import run_cli, write_jsonl
 from fmtune_data_handlers.handlers import BUILTIN
 from fmtune_data_handlers.plugin import prepare

@@ -1,15 +1,15 @@
 """Texts are cut to what max_seq_length tokens can reach before they are tokenized
-(fmtune.truncation): a huge record gives the same ids, labels and status as when it is
+(fmtune.records.char_budget): a huge record gives the same ids, labels and status as when it is
 tokenized whole, and no text longer than the budget reaches the tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 
-from fmtune import truncation
-from fmtune.cli import load_config
+from fmtune.commands import load_config
+from fmtune.records import char_budget
 from fmtune.testing import write_jsonl
-from fmtune_data_handlers import handlers
+from fmtune_data_handlers import handlers, masking
 from fmtune_data_handlers.plugin import prepare
 
 MAX = 128
@@ -24,7 +24,7 @@ def as_lists(out: dict) -> dict:
 def whole(monkeypatch, fn):
     """``fn()`` with the cut disabled: every text is tokenized whole (the reference)."""
     with monkeypatch.context() as m:
-        m.setattr(truncation, "char_budget", lambda tokenizer, max_tokens: None)
+        m.setattr(masking, "char_budget", lambda tokenizer, max_tokens: None)
         return fn()
 
 
@@ -131,7 +131,7 @@ def test_no_text_longer_than_the_budget_is_tokenized(tmp_path, monkeypatch, chat
         got = run(tmp_path, chat_tok, records, *flags)
     assert got == want
     assert got[1].get("truncated")
-    budget = truncation.char_budget(chat_tok, MAX)
+    budget = char_budget(chat_tok, MAX)
     assert spy.lengths and max(spy.lengths) <= budget
     called = [t for c in calls for t in ([c] if isinstance(c, str) else c or [])]
     assert all(len(t) <= budget for t in called)
