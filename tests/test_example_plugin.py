@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fmtune.testing import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +62,24 @@ def test_pip_installed_plugin_is_listed_and_called(fmtune_tiny_model, tmp_path):
     assert summary["plugins"] == {"example_events": "0.1.0"}
     assert summary["events_file"] == str(tmp_path / "events.jsonl")
     assert events[-1]["final_loss"] == summary["final_loss"]
+
+
+EXAMPLES = sorted(p.parent for p in (ROOT / "examples").glob("fmtune-example-*/pyproject.toml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_each_example_plugin_passes_its_own_tests_installed(example, tmp_path):
+    """Every example plugin carries its own tests; they run with it pip-installed, the way its
+    author (and a third-party plugin's CI) runs them."""
+    assert sorted(p.name for p in (example / "tests").glob("test_*.py")), example
+    site, source = tmp_path / "site", tmp_path / "src"
+    shutil.copytree(example, source)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(source)],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests"], cwd=source, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-2000:]
+    last = ran.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "skipped" not in last and "failed" not in last, last
