@@ -123,6 +123,7 @@ MAY_DIFFER_ON_RESUME = frozenset({
     "trackio_bucket_id", "trackio_static_space_id", "aim_repo", "aim_experiment",
     "aim_remote_server_ip", "aim_remote_server_port", "aim_system_tracking_interval",
     "mlflow_tracking_uri", "mlflow_experiment", "aim_timeout_s", "mlflow_timeout_s",
+    "tensorboard_log_dir", "tensorboard_timeout_s",
     # memory, speed and machinery with the same arithmetic
     "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
     "activation_checkpointing_kwargs", "torch_empty_cache_steps", "cache_dir",

@@ -1,7 +1,33 @@
-"""Experiment trackers (aim, MLflow, ...) never stop training: :class:`TrackerGuard`.
+"""Experiment trackers (aim, MLflow, TensorBoard, ...): the :class:`Tracker` base and the
+:class:`TrackerGuard` that keeps a tracker from ever stopping training.
 
-Public API for tracker plugins. A tracker plugin sends every call into its tracker
-through one guard::
+Public API for tracker plugins (docs/plugins.md, "Writing a tracker").
+
+**A tracker plugin is a** :class:`Tracker` **subclass** that implements what is particular to
+its tracker (open or continue a tracker run, log numbers, close it, mark it failed, check
+where it writes) and wires its hooks with one line; the base does the rest, the same for
+every tracker::
+
+    class CsvTracker(Tracker):
+        name = "csv"                              # --plugins csv, csv_tracker.json, csv_timeout_s
+        def open(self, run, resume_id): ...       # -> the tracker run's id
+        def log(self, metrics, step, epoch, wall_time): ...
+        def close(self, summary): ...
+        def fail(self, error): ...
+
+    (add_options, validate_config, on_train_begin, on_log, on_train_end,
+     on_train_error) = CsvTracker.hooks()
+
+What the base does: main process (rank 0) only; every call into the tracker through a
+:class:`TrackerGuard` (below); the run-state file ``OUTPUT_DIR/NAME_tracker.json`` (the
+tracker run's id and where it is, written as soon as it opens), so that a run resumed from a
+checkpoint continues the same tracker run; the option ``NAME_timeout_s`` and its check; the
+tracker run's id and place in ``run_summary.json`` (``NAME_<id_key>``, ``NAME_<target_key>``)
+with ``summary["trackers"][NAME]``; per-run state in ``run.config.stash`` (never in module
+globals); trackers that failed kept until exit; an optional bounded exit cleanup.
+
+**The guard.** A tracker plugin sends every call into its tracker through one guard (the
+base does it for a :class:`Tracker`)::
 
     guard = TrackerGuard("aim", timeout_s=config.aim_timeout_s)
     handle = guard.start(open_run, run, step=run.state.global_step)   # setup
@@ -40,13 +66,23 @@ nothing heavy.
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
-__all__ = ["TrackerGuard", "TrackerError", "MAX_PENDING", "one_line"]
+from .hookspecs import hookimpl
+from .stash import StashKey
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .pipeline import Run
+
+__all__ = ["Tracker", "TrackerGuard", "TrackerError", "MAX_PENDING", "one_line"]
 
 log = logging.getLogger("fmtune")
 
@@ -123,8 +159,8 @@ class TrackerGuard:
             raise TrackerError(reason) from None
         except Exception as e:  # noqa: BLE001 - cancelled: the guard failed meanwhile
             raise TrackerError(one_line(e)) from e
-        if not done:
-            error = future.exception()
+        error = future.exception()
+        if not done and error is not None:
             raise TrackerError(one_line(error)) from error
         return future.result()
 
@@ -263,3 +299,291 @@ class TrackerGuard:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+
+# ---------------------------------------------------------------------- the tracker base
+
+# Trackers whose guard failed, kept until the process exits: collecting a tracker library's
+# run object may close it (a finalizer) on whatever thread collects, training's included, and
+# that close can hang for ever when the tracker's store is gone. Process-wide by nature (it
+# outlives the run on purpose); holds the tracker objects only, never the run.
+_failed_trackers: list[Any] = []
+#: the trainer's progress counters, which it repeats in evaluation and end-of-training logs:
+#: :class:`Tracker` sends each once per step
+PROGRESS_KEYS = ("epoch", "num_input_tokens_seen")
+
+
+class Tracker:
+    """Base of a tracker plugin: one tracker run per fmtune run, on the main process only.
+
+    A subclass sets :attr:`name` (and, as it needs, :attr:`id_key`, :attr:`target_key`,
+    :attr:`timeout_s`) and implements:
+
+    * :meth:`open` ``(run, resume_id) -> id``: open a tracker run, or continue the one named
+      ``resume_id`` (None: a new one; a run that is gone: open a new one), and return its id;
+    * :meth:`log` ``(metrics, step, epoch, wall_time)``: the numbers of one trainer log
+      (``epoch`` and ``num_input_tokens_seen`` only once per step: the trainer repeats them);
+    * :meth:`close` ``(summary)``: the run completed (``summary`` is ``run_summary.json``'s
+      content), or, with ``None``, is abandoned (the trainer began again);
+    * :meth:`fail` ``(error)``: the training failed (``error``: ``"Type: message"``);
+
+    and, optionally, :meth:`options` (its options), :meth:`check` (what is wrong with where
+    it writes, before anything loads), :meth:`target` (where it writes: a folder or a URI),
+    :meth:`state` (more keys for the state file) and :meth:`at_exit` (a cleanup at process
+    exit, bounded by the timeout). Every one of open/log/close/fail runs on the tracker's own
+    thread through a :class:`TrackerGuard`: it may block or raise; the base turns that into
+    the one-line setup error (open) or the tracker disabled for the rest of the run (the
+    rest). :meth:`hooks` makes the plugin's hook functions.
+    """
+
+    #: the plugin's name: the guard's, ``summary["trackers"][name]``, the state file
+    #: ``NAME_tracker.json`` and the option ``NAME_timeout_s``
+    name: ClassVar[str] = ""
+    #: the tracker run id's key in the state file; ``run_summary.json`` gets ``NAME_<id_key>``
+    id_key: ClassVar[str] = "run_id"
+    #: where the tracker writes (:meth:`target`), key in the state file and, as
+    #: ``NAME_<target_key>``, in ``run_summary.json``
+    target_key: ClassVar[str] = "target"
+    #: default of ``NAME_timeout_s``: seconds each call into the tracker may take
+    timeout_s: ClassVar[float] = 30.0
+    #: said after the timeout option's own help
+    timeout_help: ClassVar[str] = ""
+    #: this tracker class's per-run slot in ``run.config.stash`` (one per subclass)
+    key: ClassVar[StashKey[Any]] = StashKey()
+    # the exit cleanup (at_exit): registered once per class, with the latest run's timeout
+    _exit_registered: ClassVar[bool] = False
+    _exit_timeout_s: ClassVar[float] = 30.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.key = StashKey()
+
+    # ------------------------------------------------- what a subclass implements
+
+    @classmethod
+    def options(cls, register: Callable[..., None]) -> None:
+        """Register the tracker's options (``add_options``); the base adds ``NAME_timeout_s``."""
+
+    @classmethod
+    def check(cls, config: Config) -> list[str] | str | None:
+        """Problems with the tracker's options or target, found without writing anything
+        (``validate_config``: reported before anything loads, exit 2)."""
+        return None
+
+    @classmethod
+    def target(cls, config: Config) -> str:
+        """Where the tracker writes (an absolute folder, a URI): messages name it, the state
+        file keeps it (a resumed run continues its tracker run only at the same target)."""
+        return ""
+
+    def open(self, run: Run, resume_id: str | None) -> str:
+        """Open a tracker run (continue ``resume_id`` when given and still there); return its id."""
+        raise NotImplementedError
+
+    def log(self, metrics: dict[str, float], step: int, epoch: float | None,
+            wall_time: float) -> None:
+        """Send the numbers of one trainer log (``loss``, ``learning_rate``, ``eval_loss``,
+        ``epoch``, ...; numbers only) at ``step``; ``wall_time`` is when it was logged."""
+        raise NotImplementedError
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        """Close the tracker run: completed with ``summary``, or abandoned (``None``)."""
+        raise NotImplementedError
+
+    def fail(self, error: str) -> None:
+        """Close the tracker run as failed: the training raised ``error``."""
+        self.close(None)
+
+    def state(self) -> dict[str, Any]:
+        """More keys for the state file (after the id and the target)."""
+        return {}
+
+    @classmethod
+    def at_exit(cls, timeout_s: float) -> None:
+        """At process exit, after any run of this tracker opened: clean up what the tracker
+        library leaves open (bounded: use :meth:`bounded`). Not called unless overridden."""
+
+    # ------------------------------------------------------------ what the base does
+
+    def __init__(self, run: Run) -> None:
+        config = run.config
+        self.where = self.target(config)
+        self.state_path = os.path.join(run.output_dir, f"{self.name}_tracker.json")
+        self.id: str | None = None
+        self.resumed = False
+        self._progress_step: dict[str, int] = {}
+        self.guard = TrackerGuard(self.name, config.get(f"{self.name}_timeout_s")
+                                  or self.timeout_s)
+
+    @classmethod
+    def of(cls, run: Run) -> Tracker | None:
+        """This tracker's open run for ``run`` (None before it opens, after it ends, and on
+        processes other than the main one)."""
+        return run.config.stash.get(cls.key)
+
+    def open_run(self, run: Run) -> None:
+        """Open or continue the tracker run and write the state file; on the guard's thread."""
+        from .files import read_json_object, write_json
+
+        previous = read_json_object(self.state_path) if run.resumed_from else None
+        resume_id = None
+        if previous and previous.get(self.id_key):
+            if previous.get(self.target_key) == self.where:
+                resume_id = str(previous[self.id_key])
+            else:
+                log.warning("%s: %s names a run in %s, not %s; starting a new %s run", self.name,
+                            self.state_path, previous.get(self.target_key), self.where,
+                            self.name)
+        try:
+            self.id = self.open(run, resume_id)
+        finally:
+            self._register_exit()
+        self.resumed = resume_id is not None and self.id == resume_id
+        if resume_id is not None and not self.resumed:
+            log.warning("%s: run %s from %s is not in %s any more; started a new %s run %s",
+                        self.name, resume_id, self.state_path, self.where, self.name, self.id)
+        write_json(self.state_path, {self.id_key: self.id, self.target_key: self.where,
+                                     **self.state()})
+        log.info("%s: %s run %s in %s", self.name,
+                 "continuing" if self.resumed else "tracking to", self.id, self.where)
+
+    @staticmethod
+    def about(run: Run) -> dict[str, Any]:
+        """What a tracker records about the run besides its options: fmtune's version, the
+        active plugins with their versions, output folder, checkpoint resumed from, world size."""
+        from . import __version__
+        from .plugins import plugin_versions
+
+        return {"version": __version__, "plugins": plugin_versions(run.pm),
+                "output_dir": os.path.abspath(run.output_dir),
+                "resumed_from": run.resumed_from, "world_size": run.world_size}
+
+    @staticmethod
+    def jsonable(value: Any) -> Any:
+        """``value`` with JSON types only (other objects as their str())."""
+        return json.loads(json.dumps(value, default=str))
+
+    @staticmethod
+    def bounded(fn: Callable[[], Any], timeout_s: float) -> str | None:
+        """Run ``fn()`` on a daemon thread for at most ``timeout_s``: None when it returned,
+        else why not (its error in one line, or that it did not finish)."""
+        problems: list[str] = []
+
+        def call() -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                problems.append(one_line(e))
+
+        worker = threading.Thread(target=call, name="fmtune-tracker-bounded", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            return f"not done in {timeout_s:g} s"
+        return problems[0] if problems else None
+
+    def _register_exit(self) -> None:
+        cls = type(self)
+        if cls.at_exit.__func__ is Tracker.at_exit.__func__:  # type: ignore[attr-defined]
+            return
+        cls._exit_timeout_s = self.guard.timeout_s  # the latest run's
+        if not cls.__dict__.get("_exit_registered"):
+            cls._exit_registered = True
+            # registered after the tracker library's own exit handlers (it opened a run
+            # first): atexit runs it before them
+            atexit.register(lambda: cls.at_exit(cls._exit_timeout_s))
+
+    def _end(self, fn: Callable, *args: Any, step: int) -> None:
+        if not self.guard.finish(fn, *args, step=step):
+            _failed_trackers.append(self)
+
+    # ------------------------------------------------------------------- hooks
+
+    class Hooks(NamedTuple):
+        add_options: Callable
+        validate_config: Callable
+        on_train_begin: Callable
+        on_log: Callable
+        on_train_end: Callable
+        on_train_error: Callable
+
+    @classmethod
+    def hooks(cls) -> Tracker.Hooks:
+        """The plugin's hook functions, for its module to hold::
+
+            (add_options, validate_config, on_train_begin, on_log, on_train_end,
+             on_train_error) = MyTracker.hooks()
+
+        Each is marked for its hook by name (``specname``), so the names it is held under do
+        not matter to pluggy. A plugin may add hooks of its own next to them."""
+        timeout_option = f"{cls.name}_timeout_s"
+
+        def add_options(register):
+            cls.options(register)
+            register(timeout_option, float, cls.timeout_s,
+                     f"Seconds each call into {cls.name} may take (opening the run, logging, "
+                     f"closing it); a call that fails or takes longer mid-run disables "
+                     f"{cls.name} for the rest of the run (training goes on; run_summary.json "
+                     f"says so), one at the start stops the run." +
+                     (f" {cls.timeout_help}" if cls.timeout_help else ""))
+
+        def validate_config(config):
+            found = cls.check(config)
+            problems = [found] if isinstance(found, str) else [p for p in found or [] if p]
+            timeout = config.get(timeout_option)
+            if timeout is None or not 0 < timeout <= 86400:
+                problems.append(f"{timeout_option} must be between 0 and 86400 seconds, got "
+                                f"{timeout}")
+            return problems
+
+        def on_train_begin(run):
+            if not run.is_main_process:
+                return
+            stale = run.config.stash.pop(cls.key, None)
+            if stale is not None:  # the trainer began again in this run
+                stale._end(stale.close, None, step=run.state.global_step)
+            tracker = cls(run)
+            tracker.guard.open_or_refuse(tracker.open_run, run, tracker.where)
+            run.config.stash[cls.key] = tracker
+
+        def on_log(run, logs):
+            tracker = cls.of(run)
+            if tracker is None:  # not the main process
+                return
+            step = run.state.global_step
+            epoch = logs.get("epoch", run.state.epoch)
+            metrics = {k: float(v) for k, v in logs.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            # The trainer repeats its progress counters in evaluation and end-of-training
+            # logs: send them once per step.
+            for name in PROGRESS_KEYS:
+                if name in metrics and tracker._progress_step.get(name) == step:
+                    del metrics[name]
+                elif name in metrics:
+                    tracker._progress_step[name] = step
+            if metrics:
+                tracker.guard.submit(tracker.log, metrics, step,
+                                     None if epoch is None else float(epoch), time.time(),
+                                     step=step)
+
+        def on_train_end(run, summary):
+            tracker = run.config.stash.pop(cls.key, None)
+            if tracker is None:
+                return
+            summary[f"{cls.name}_{cls.id_key}"] = tracker.id
+            summary[f"{cls.name}_{cls.target_key}"] = tracker.where
+            tracker._end(tracker.close, dict(summary), step=run.state.global_step)
+            tracker.guard.report(summary)
+
+        def on_train_error(run, error):
+            tracker = run.config.stash.pop(cls.key, None)
+            if tracker is None:
+                return
+            tracker._end(tracker.fail, f"{type(error).__name__}: {error}",
+                         step=run.state.global_step)
+
+        fns = (add_options, validate_config, on_train_begin, on_log, on_train_end,
+               on_train_error)
+        for fn in fns:
+            fn.__qualname__ = f"{cls.__name__}.hooks.{fn.__name__}"
+        return cls.Hooks(*(hookimpl(specname=fn.__name__)(fn) for fn in fns))

@@ -298,7 +298,7 @@ def LoseAt(step, fault):
     """At the end of step ``step``, once the tracker has sent what it had, run ``fault()``."""
     import fmtune_aim
 
-    return AtStep(step, fault, ready=lambda run: fmtune_aim._open_runs[run].guard.drain(30))
+    return AtStep(step, fault, ready=lambda run: fmtune_aim.AimTracker.of(run).guard.drain(30))
 
 
 def summary_of(out):

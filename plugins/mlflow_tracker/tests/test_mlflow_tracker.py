@@ -185,7 +185,7 @@ def LoseAt(step, fault):
     """At the end of step ``step``, once the tracker has sent what it had, run ``fault()``."""
     import fmtune_mlflow
 
-    return AtStep(step, fault, ready=lambda run: fmtune_mlflow._open_runs[run].guard.drain(30))
+    return AtStep(step, fault, ready=lambda run: fmtune_mlflow.MlflowTracker.of(run).guard.drain(30))
 
 
 def summary_of(out):
