@@ -42,6 +42,8 @@ commands:
   evaluate    exact-match accuracy of greedy outputs on input/output records
   plot        redraw OUTPUT_DIR/loss.png from its training_logs.jsonl
   plugins     list installed plugins, their versions and hooks
+  plan        predict peak memory and tokens/s of a run (docs/plan.md)
+  k8s         render Kubernetes documents for a run (fmtune k8s render; docs/distributed.md)
   new-plugin  write a new plugin distribution with a passing test (fmtune new-plugin NAME)
   sft         run a Silogen `finetuning sft` experiment config (fmtune sft CONFIG.yaml)
   dpo         run a Silogen `finetuning dpo` experiment config (fmtune dpo CONFIG.yaml)
@@ -539,9 +541,21 @@ def cmd_new_plugin(argv: list[str]) -> int:
     return cmd_new_plugin(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from .plan import cmd_plan
+
+    return cmd_plan(argv)
+
+
+def cmd_k8s(argv: list[str]) -> int:
+    from .k8s import cmd_k8s
+
+    return cmd_k8s(argv)
+
+
 COMMANDS = {"train": cmd_train, "plugins": cmd_plugins, "generate": cmd_generate,
             "evaluate": cmd_evaluate, "plot": cmd_plot, "sft": cmd_sft,
-            "new-plugin": cmd_new_plugin}
+            "new-plugin": cmd_new_plugin, "plan": cmd_plan, "k8s": cmd_k8s}
 COMMAND_GROUP = "fmtune.commands"
 
 
