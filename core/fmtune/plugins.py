@@ -15,6 +15,7 @@ import fnmatch
 import importlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -215,18 +216,23 @@ def _matches(specs: list[Implication], given: list[tuple[str, list]],
 def implied(yaml_values: dict, cli_pairs: list, active: list[str],
             available: dict[str, PluginInfo] | None = None) -> list[tuple[str, str]]:
     """``(plugin, reason)`` for each installed plugin that an option asks for (see
-    :class:`Implication`), unless a plugin of the same distribution is already active (its
-    options then say which of its methods runs). A value that names no installed plugin is
+    :class:`Implication`), unless the option selects among the plugins of a distribution one of
+    which is already active (its options then say which of its methods runs). A value that names no installed plugin is
     left to :func:`not_installed` and the option's own check."""
     specs = implications()
     if not specs:
         return []
     available = installed() if available is None else available
     active_dists = {available[n].distribution for n in active if n in available}
+    # an option that several plugins of one distribution declare selects among them
+    # (peft_method: lora, alora, prompt_tuning): with one of them active it asks for no other;
+    # a distribution's other plugins (a data handler and a tracker shipped together) are
+    # implied as any plugin is
+    per_option = Counter((s.distribution, s.option) for s in specs)
     given = _given(yaml_values, cli_pairs, {s.option for s in specs})
     return [(spec.plugin, reason) for spec, reason in _matches(
         specs, given, lambda s: s.plugin not in active and s.plugin in available
-        and s.distribution not in active_dists)]
+        and not (s.distribution in active_dists and per_option[s.distribution, s.option] > 1))]
 
 
 # fmtune's first-party plugin distributions and what their flags imply, so that a flag asking

@@ -1,9 +1,10 @@
-"""A data handler for an in-house format, usable by name in a data_config.
+"""A data handler for an in-house format, usable by name in a data_config or with
+``--data_handlers``, written from fmtune's docs/plugins.md ("Writing a data handler").
 
 Records look like ``{"ticket": {"product": ..., "subject": ..., "thread": [...]},
 "resolution": ...}``. The handler ``ticket_to_input_output`` turns them into
-``input``/``output`` columns, which the built-in
-``tokenize_and_apply_input_masking`` then tokenizes with exact masks:
+``input``/``output`` columns, which fmtune (or the built-in
+``tokenize_and_apply_input_masking``) then tokenizes with exact masks:
 
     datasets:
       - name: tickets
@@ -14,20 +15,33 @@ Records look like ``{"ticket": {"product": ..., "subject": ..., "thread": [...]}
           - name: tokenize_and_apply_input_masking
             arguments: {remove_columns: all}
 
-It imports nothing from the data handlers plugin: it only implements the
-core's ``register_data_handlers`` hook.
+It reads one option of its own from the run's config (``tickets_separator``) and imports
+nothing from fmtune's core but the public API; the data_handlers plugin, which owns the
+``register_data_handlers`` hook, is activated with it (``fmtune_plugins``). The same
+distribution ships a second plugin, ``tickets_csv`` (fmtune_example_tickets.tracker): the
+tracker of docs/plugins.md's "Writing a tracker".
 """
 
 from __future__ import annotations
 
 from fmtune import hookimpl
+from fmtune_data_handlers import RecordError
+
+fmtune_plugins = ["data_handlers"]  # activated with this plugin: it owns the hook below
 
 
-def ticket_to_input_output(batch, max_thread=3, **_):
+@hookimpl
+def add_options(register):
+    register("tickets_separator", str, " | ", "Joins the messages of a ticket's thread.")
+
+
+def ticket_to_input_output(batch, config, max_thread=3, **_):
     """Batched map handler: ticket -> input prompt, resolution -> output."""
     inputs = []
-    for ticket in batch["ticket"]:
-        thread = " | ".join(ticket.get("thread", [])[-max_thread:])
+    for i, ticket in enumerate(batch["ticket"]):
+        if not isinstance(ticket.get("subject"), str):
+            raise RecordError(i, "field 'ticket.subject' must be a string")
+        thread = config.tickets_separator.join((ticket.get("thread") or [])[-max_thread:])
         inputs.append(f"[{ticket['product']}] {ticket['subject']}: {thread}\nresolution:")
     return {"input": inputs, "output": batch["resolution"]}
 
