@@ -120,6 +120,14 @@ def name_of(template: str | None) -> str | None:
     return next((n for n, t in BUILTIN.items() if t == template), None)
 
 
+def markers(template: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """``(name, markers)`` of the built-in whose text ``template`` is: the strings it writes
+    that its family's tokenizers hold as single special tokens (a tokenizer without them
+    trains them as ordinary text pieces); ``(None, ())`` for any other template."""
+    name = name_of(template)
+    return name, MARKERS.get(name, ()) if name else ()
+
+
 def _looks_like_path(value: str) -> bool:
     v = value.strip()
     return ("/" in v or os.sep in v or v.startswith(("~", "."))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .chat_templates import markers as chat_template_markers
 from .chat_templates import names as chat_template_names
 from .chat_templates import resolve as resolve_chat_template
 from .chat_templates import template_error
@@ -40,7 +41,7 @@ from .truncation import char_budget, cut
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["IGNORE", "Counts", "DataError", "char_budget", "chat_template_names", "cut",
+__all__ = ["IGNORE", "Counts", "DataError", "char_budget", "chat_template_markers", "chat_template_names", "cut",
            "folder_problem", "join", "missing_eval_data", "read_json_object", "read_records",
            "record_where", "resolve_chat_template", "restart_jsonl", "template_error",
            "write_json"]

@@ -28,24 +28,6 @@ RECORD = "fmtune_record"
 _AS_RECORD = "{% set messages = " + RECORD + " +%}"
 
 
-# Strings a built-in chat template writes that its family's tokenizers have as single special
-# tokens (Mistral's [INST] is plain text in its first tokenizers, so it is not listed): a
-# tokenizer without them trains them as ordinary text pieces, which is warned about.
-MARKERS: dict[str, tuple[str, ...]] = {
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "granite": ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"),
-    "gemma": ("<start_of_turn>", "<end_of_turn>"),
-}
-
-
-def builtin_name(template: str | None) -> str | None:
-    """The name of the built-in chat template whose text ``template`` is, or None."""
-    from fmtune.records import chat_template_names, resolve_chat_template
-
-    return next((n for n in chat_template_names() if resolve_chat_template(n) == template), None)
-
-
 def configured_template(config) -> str | None:
     """The run's ``chat_template`` option as Jinja text: a built-in name, a file (relative to
     the working folder, or to the config file that set it) or the text

@@ -46,6 +46,10 @@ def add_options(register):
              true_words=("huggingface",))
     register("packing", bool, False, "Pack examples into rows of max_seq_length (no attention "
              "across examples, as with padding_free).")
+    register("ept", bool, False, "Extended pre-training: raw text (a 'text' column, "
+             "dataset_text_field, data_formatter_template, or .txt files: a row per line; "
+             "folders and globs) is tokenized whole with EOS after each document, "
+             "concatenated and cut into blocks of max_seq_length tokens, every token trained.")
 
 
 @hookimpl
@@ -98,6 +102,14 @@ def validate_config(config, pm):
             configured_template(config)
         except ConfigError as e:
             problems.append(str(e))
+    if config.ept:
+        if config.packing:
+            problems.append("ept and packing are exclusive: ept already fills every row with "
+                            "max_seq_length tokens")
+        for name in ("response_template", "instruction_template"):
+            if getattr(config, name, None):
+                problems.append(f"ept trains every token; --{name} (which masks prompts) does "
+                                "not apply")
     problems.append(missing_eval_data(config, "validation_data_path", "data_config_path"))
     return [p for p in problems if p]
 
@@ -188,7 +200,9 @@ def keep_template(tokenizer, used: list[str]) -> None:
     it and ``fmtune generate --chat`` renders prompts as in training. Not for several
     templates (which one?) or a record-form one (``messages['messages']``: inference passes
     a list of messages)."""
-    from .chat import MARKERS, builtin_name, record_keys
+    from fmtune.records import chat_template_markers
+
+    from .chat import record_keys
 
     if not used or used == [tokenizer.chat_template]:
         return
@@ -205,9 +219,9 @@ def keep_template(tokenizer, used: list[str]) -> None:
                     ", ".join(f"messages[{k!r}]" for k in record_keys(template)))
         return
     tokenizer.chat_template = template
-    name = builtin_name(template)
+    name, markers = chat_template_markers(template)
     vocab = tokenizer.get_vocab()
-    missing = [m for m in MARKERS.get(name, ()) if m not in vocab]
+    missing = [m for m in markers if m not in vocab]
     log.info("the chat template%s is saved with the tokenizer", f" {name!r}" if name else "")
     if missing:
         log.warning("chat template %r: %s %s not in the tokenizer's vocabulary, so %s trained "
