@@ -3,9 +3,7 @@ are taken from the doc and run, so the guide cannot drift from what fmtune does.
 
 from __future__ import annotations
 
-import re
 import shlex
-import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from transformers import AutoTokenizer
 
 from fmtune.commands import load_config, validate
 from fmtune.config import ConfigError
-from fmtune.testing import write_jsonl
+from fmtune.testing import doc_blocks, doc_module, write_jsonl
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 SECTION = "## Writing a data handler"
@@ -24,17 +22,12 @@ TICKETS = [
 
 
 def blocks(lang: str) -> list[str]:
-    text = DOC.read_text(encoding="utf-8")
-    assert SECTION in text, f"{DOC}: no {SECTION!r} section"
-    body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{lang}\n(.*?)```", body, re.S)
+    return doc_blocks(DOC, SECTION, lang)
 
 
 @pytest.fixture
 def tickets_plugin():
-    (code,) = blocks("python")
-    module = types.ModuleType("fmtune_tickets")
-    exec(compile(code, f"{DOC}: fmtune_tickets", "exec"), module.__dict__)
+    module = doc_module(DOC, SECTION, "fmtune_tickets")
     assert module.fmtune_plugins == ["data_handlers"]
     return module
 

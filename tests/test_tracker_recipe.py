@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shlex
 import tomllib
-import types
 from pathlib import Path
 
 import pytest
 
-from fmtune.testing import run_cli, write_jsonl
+from fmtune.testing import doc_blocks, doc_module, run_cli, write_jsonl
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 SECTION = "## Writing a tracker"
@@ -27,18 +25,13 @@ RECORDS = [
 
 
 def blocks(lang: str) -> list[str]:
-    text = DOC.read_text(encoding="utf-8")
-    assert SECTION in text, f"{DOC}: no {SECTION!r} section"
-    body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{lang}\n(.*?)```", body, re.S)
+    return doc_blocks(DOC, SECTION, lang)
 
 
 @pytest.fixture
 def csv_plugin():
     """The recipe's module, as `pip install` of it would import it."""
-    (code,) = blocks("python")
-    module = types.ModuleType("fmtune_csv")
-    exec(compile(code, f"{DOC}: fmtune_csv", "exec"), module.__dict__)
+    module = doc_module(DOC, SECTION, "fmtune_csv")
     return module
 
 

@@ -242,3 +242,27 @@ class NotRankZero:
         trainer = yield
         trainer.is_world_process_zero = lambda: False
         return trainer
+
+
+def doc_blocks(path: str | os.PathLike, section: str, lang: str) -> list[str]:
+    """The ```LANG code blocks of a Markdown file's SECTION (a heading line such as
+    ``## Writing a tracker``, up to the next heading of that level): a test runs a doc's code
+    so the doc cannot drift from what works."""
+    import re
+
+    text = Path(path).read_text(encoding="utf-8")
+    assert section in text, f"{path}: no {section!r} section"
+    level = section.split(" ", 1)[0]
+    body = text.split(section, 1)[1].split(f"\n{level} ", 1)[0]
+    return re.findall(rf"```{re.escape(lang)}\n(.*?)```", body, re.S)
+
+
+def doc_module(path: str | os.PathLike, section: str, name: str):
+    """The one ```python block of a doc's SECTION, run as module ``name`` (a plugin module
+    written in the docs, usable as an in-test plugin object)."""
+    import types
+
+    (code,) = doc_blocks(path, section, "python")
+    module = types.ModuleType(name)
+    exec(compile(code, f"{path}: {name}", "exec"), module.__dict__)  # the doc's own code
+    return module
