@@ -112,7 +112,8 @@ class LoadSpy:
         return (yield)
 
 
-QUANTIZED = {"gptq_model": "fmtune_gptq_model", "mxfp4_model": "fmtune_mxfp4_model"}
+QUANTIZED = {"gptq_model": "fmtune_gptq_model", "mxfp4_model": "fmtune_mxfp4_model",
+             "vision_model": "fmtune_vision_model", "vision_data": "fmtune_vision_data"}
 
 
 def argv_for(row: dict, env: dict, tmp: Path, request=None) -> list[str]:

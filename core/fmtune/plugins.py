@@ -165,7 +165,10 @@ def _given(yaml_values: dict, cli_pairs: list, options: set[str]) -> list[tuple[
 
 def _chat_records(given: list[tuple[str, list]]) -> list[tuple[str, list]]:
     names = {n for n, _ in given}
-    if names & {"dataset_text_field", "data_formatter_template", "data_config_path"}:
+    # a text field or template chooses the reader; fms-hf-tuning's --dataset_image_field says
+    # the conversations hold images (the plugin it implies reads them)
+    if names & {"dataset_text_field", "data_formatter_template", "data_config_path",
+                "dataset_image_field"}:
         return []
     paths = [v for n, vs in given if n == "training_data_path" for v in vs]
     if len(paths) != 1 or not str(paths[0]).lower().endswith((".jsonl", ".json")):
