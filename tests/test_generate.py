@@ -215,3 +215,23 @@ def test_base_model_name_or_path_replaces_the_adapters_base(fmtune_tiny_model, t
     res = run_cli(["generate", "--model", fmtune_tiny_model, "--text", PROMPT,
                    "--base_model_name_or_path", fmtune_tiny_model])
     assert res.exit_code == 2 and "is not an adapter folder" in res.stderr
+
+
+def test_an_image_without_a_plugin_that_reads_images_is_one_line(fmtune_tiny_model, tmp_path,
+                                                                  monkeypatch):
+    """`--image` goes to the plugin declaring it in the `fmtune.generate` entry-point group;
+    with none installed, one line naming the distribution from the plugin catalog."""
+    from importlib import metadata
+
+    real = metadata.entry_points
+    monkeypatch.setattr(metadata, "entry_points", lambda **kw: [] if kw.get(
+        "group") == "fmtune.generate" else real(**kw))
+    res = run_cli(["generate", "--model", fmtune_tiny_model, "--image", str(tmp_path / "a.png"),
+                   "--text", "what colour?"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [
+        "fmtune: error: generate: --image needs a plugin that generates from images, and none "
+        "is installed (pip install fmtune-vision)"]
+    plain = run_cli(["generate", "--model", fmtune_tiny_model, "--text", "hello",
+                     "--max_new_tokens", "2"])
+    assert plain.exit_code == 0, plain.stderr

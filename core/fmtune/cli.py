@@ -39,7 +39,7 @@ fine-tuning comes from plugins.
 commands:
   train       fine-tune a model   (fmtune train --config run.yaml --plugins lora,aim)
   generate    greedy generation from a trained model or adapter folder
-  evaluate    exact-match accuracy of greedy outputs on input/output records
+  evaluate    score outputs on records (input/output, chat) or run lm-eval tasks
   plot        redraw OUTPUT_DIR/loss.png from its training_logs.jsonl
   plugins     list installed plugins, their versions and hooks
   plan        predict peak memory and tokens/s of a run (docs/plan.md)
@@ -470,13 +470,16 @@ def cmd_evaluate(argv: list[str], extra_plugins: list[Any] = ()) -> int:
         tokenizer = pm.hook.load_tokenizer(config=config)
         model = pm.hook.load_model(config=config, tokenizer=tokenizer).eval()
     if records is not None:
-        from .inference import render_turns, score
+        from .inference import render_turns, score, turn_end
 
+        stop = None
         if args.chat:
             prompts = render_turns(tokenizer, [turns for turns, _ in examples], template,
                                    args.model or args.config)
+            stop = turn_end(tokenizer, template)
         acc, preds, hits = score(model, tokenizer, prompts, references, args.metric,
-                                 args.max_new_tokens or 64, add_special_tokens=not args.chat)
+                                 args.max_new_tokens or 64, add_special_tokens=not args.chat,
+                                 stop=stop)
         for i, (pred, ref) in enumerate(list(zip(preds, references))[: args.show]):
             shown = pred.strip() if len(pred.strip()) <= 80 else pred.strip()[:77] + "..."
             asked = examples[i][0][-1]["content"] if args.chat else records[i]["input"]
@@ -571,6 +574,37 @@ def plugin_commands() -> dict[str, Any]:
     return dict(sorted(found.items()))
 
 
+GENERATE_GROUP = "fmtune.generate"
+
+
+def _generate_handler(argv: list[str]):
+    """``fmtune generate`` with an option a plugin handles (entry point ``OPTION =
+    "module:function"`` in the group ``fmtune.generate``: ``image`` for ``--image``): that
+    plugin's ``function(argv)`` runs the command; a one-line error when no installed plugin
+    handles it. None for plain text generation."""
+    from importlib import metadata
+
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    wanted = given & {"image", "dataset_image_field"}  # fms-hf-tuning's image options
+    handlers = {ep.name: ep for ep in metadata.entry_points(group=GENERATE_GROUP)}
+    for name in sorted(given & set(handlers)):
+        ep = handlers[name]
+
+        def run(args: list[str], ep=ep) -> int:
+            return int(ep.load()(args) or 0)
+        return run
+    if wanted:
+        option = sorted(wanted)[0]
+        known = plugin_mod.provider_of("dataset_image_field")  # from the catalog, not code
+        hint = f" (pip install {known[1]})" if known else ""
+
+        def refuse(_args: list[str]) -> int:
+            raise ConfigError(f"generate: --{option} needs a plugin that generates from images, "
+                              f"and none is installed{hint}")
+        return refuse
+    return None
+
+
 def _usage() -> str:
     extra = plugin_commands()
     if not extra:
@@ -636,6 +670,8 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
         command = cmd_silogen_dpo
     if argv[0] == "generate" and argv[1:2] and not argv[1].startswith("-"):
         from .silogen import cmd_generate as command  # Silogen's `generate CONFIG.yaml OUT.yaml`
+    elif argv[0] == "generate":
+        command = _generate_handler(argv[1:]) or command
     extra = plugin_commands() if command is None else {}
     if command is None and argv[0] not in extra:
         from .config import suggest

@@ -33,7 +33,8 @@ def _parser() -> CommandParser:
     gen.add_argument("--base_model_name_or_path", help="the base of an adapter (default: the "
                      "adapter's own record of it)")
     gen.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
-    gen.add_argument("--prompt", help="the question asked about the images")
+    gen.add_argument("--prompt", "--text", dest="prompt",
+                     help="the question asked about the images (--text: fmtune generate's name)")
     gen.add_argument("--text_file", help="JSONL/JSON records: each conversation (up to its last "
                      "assistant turn, if any) is answered, one JSON line per record")
     gen.add_argument("--dataset_text_field", default="messages")
@@ -56,6 +57,13 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="fmtune-vision-preview-") as tmp:
             return preview_command(args, rest + ["--output_dir", tmp])
     return preview_command(args, rest)
+
+
+def generate_images(argv: list[str]) -> int:
+    """``fmtune generate --image FILE --text PROMPT`` (or ``--dataset_image_field`` with
+    ``--text_file``): the core hands image generation to this plugin (entry point ``image`` in
+    the group ``fmtune.generate``)."""
+    return main(["generate", *argv])
 
 
 def generate_command(args) -> int:

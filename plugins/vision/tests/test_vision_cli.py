@@ -37,3 +37,16 @@ def test_generate_answers_about_an_image(vlm, tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines()[-1] == (
         f"fmtune: error: --image: {tmp_path}/gone.png: image file not found")
+
+
+def test_fmtune_generate_with_an_image_is_the_plugins(vlm, tmp_path):
+    """`fmtune generate --image FILE --text PROMPT` (the core's command, fms-hf-tuning's
+    names) answers through this plugin, exactly as `fmtune vision generate` does."""
+    image = tmp_path / "a.png"
+    draw_shape("red", "circle").save(image)
+    core = run_cli(["generate", "--model", vlm("llava"), "--image", str(image),
+                    "--text", QUESTION, "--max_new_tokens", "3"])
+    assert core.exit_code == 0, core.stderr[-2000:]
+    own = run_cli(["vision", "generate", "--model", vlm("llava"), "--image", str(image),
+                   "--prompt", QUESTION, "--max_new_tokens", "3"])
+    assert core.stdout == own.stdout and core.stdout.strip()
