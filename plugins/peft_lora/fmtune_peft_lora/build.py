@@ -131,12 +131,18 @@ def meta_model(config):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return None  # a hub id: checked once the model is loaded
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     try:
         cfg = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+        # a vision-language model (Mllama also maps to a text-only causal LM): its whole
+        # structure, as the vision plugin loads it
+        auto = (AutoModelForImageTextToText
+                if cfg.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+                else AutoModelForCausalLM)
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=config.trust_remote_code)
+            return auto.from_config(cfg, trust_remote_code=config.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - the real load reports it properly
         log.debug("no structure check: %s", e)
         return None
