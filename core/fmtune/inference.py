@@ -79,7 +79,7 @@ def _adapter_on(path: str, base: str, trust_remote_code: bool):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .default_plugins.model import fit_to_tokenizer
+    from .models import fit_to_tokenizer
     from .hub import from_pretrained, quant_method, without_unused_gptqmodel
 
     tok_src = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
@@ -182,17 +182,22 @@ def chat_template_problem(template: str) -> str | None:
 
 
 def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int = 64,
-             add_special_tokens: bool = True) -> list[str]:
+             add_special_tokens: bool = True, progress: bool = False) -> list[str]:
     """Greedy continuation of each text (the new text only, special tokens removed).
 
-    ``add_special_tokens=False`` for texts rendered by a chat template (which has its own)."""
+    ``add_special_tokens=False`` for texts rendered by a chat template (which has its own);
+    ``progress`` shows a progress bar on stderr."""
+    import sys
+
     import torch
+    from tqdm.auto import tqdm
 
     if max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     outputs = []
     device = next(model.parameters()).device
-    for text in texts:
+    for text in tqdm(texts, desc="generating", unit="record", file=sys.stderr,
+                     disable=not progress or len(texts) < 2, leave=False):
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -216,7 +221,7 @@ def exact_match(model: Any, tokenizer: Any, records: list[dict], max_new_tokens:
 def check_records(records: list[dict], path: str | None = None) -> None:
     """Every record has string ``input`` and ``output`` fields (what ``evaluate`` compares);
     otherwise a one-line :class:`ConfigError` naming the record (line) and the field."""
-    from .default_plugins.data import record_where
+    from .records import record_where
 
     for i, rec in enumerate(records):
         for name in ("input", "output"):
@@ -229,3 +234,179 @@ def check_records(records: list[dict], path: str | None = None) -> None:
             hint = " (a chat record: evaluate compares input/output records)" if any(
                 isinstance(v, list) for v in rec.values()) else ""
             raise ConfigError(f"{where}: missing field {name!r}{hint}")
+
+
+# ------------------------------------------------------------- chat / metrics
+#
+# `fmtune evaluate --chat`: chat records ({"messages": [..., {"role": "assistant", ...}]}) are
+# scored by rendering every turn before the last with the model's chat template (the one
+# training saved with the tokenizer, or --chat_template) and the assistant's generation prompt,
+# generating greedily, and comparing with the last (assistant) turn.
+
+METRICS = ("exact_match", "contains", "regex")
+METRIC_HELP = ("exact_match: the stripped output equals the reference; contains: the "
+               "reference occurs in the output; regex: the reference is a Python regular "
+               "expression found in the output (re.search; anchor it with ^...$)")
+
+
+def chat_examples(records: list[dict], path: str | None = None,
+                  field: str = "messages") -> list[tuple[list[dict], str]]:
+    """``(turns before the answer, the answer)`` of each chat record; a record without the
+    field, with turns that are not role/content mappings, or whose last turn is not the
+    assistant's is a one-line :class:`ConfigError` naming the file, line and field."""
+    from .records import record_where
+
+    out = []
+    for i, rec in enumerate(records):
+        where = record_where(path or "data", rec, i)
+        if field not in rec:
+            hint = " (an input/output record: leave out --chat)" if "input" in rec else ""
+            raise ConfigError(f"{where}: missing field {field!r}{hint}")
+        turns = rec[field]
+        if not isinstance(turns, list) or not turns:
+            raise ConfigError(f"{where}: field {field!r} must be a non-empty list of turns, "
+                              f"got {type(turns).__name__ if turns != [] else 'an empty list'}")
+        for n, turn in enumerate(turns, 1):
+            if not isinstance(turn, dict):
+                raise ConfigError(f"{where}: field {field!r} turn {n}: expected a mapping with "
+                                  f"role and content, got {type(turn).__name__}")
+            for key in ("role", "content"):
+                if not isinstance(turn.get(key), str):
+                    what = "missing" if key not in turn else f"not a string " \
+                        f"({type(turn[key]).__name__})"
+                    raise ConfigError(f"{where}: field {field!r} turn {n}: {key!r} {what}")
+        if turns[-1]["role"] != "assistant":
+            raise ConfigError(f"{where}: field {field!r}: the last turn must be the assistant's "
+                              f"answer to score against, got role {turns[-1]['role']!r}")
+        if len(turns) < 2:
+            raise ConfigError(f"{where}: field {field!r}: no turn before the assistant's answer")
+        out.append(([dict(t) for t in turns[:-1]], turns[-1]["content"]))
+    return out
+
+
+def check_metric(metric: str, references: list[str], wheres: list[str]) -> None:
+    """``regex`` references must compile (checked before any model loads)."""
+    import re
+
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric!r}: choose from {', '.join(METRICS)}")
+    if metric != "regex":
+        return
+    for ref, where in zip(references, wheres):
+        try:
+            re.compile(ref)
+        except re.error as e:
+            raise ConfigError(f"{where}: the reference is not a valid regular expression "
+                              f"(--metric regex): {e}") from None
+
+
+def matches(prediction: str, reference: str, metric: str) -> bool:
+    import re
+
+    if metric == "contains":
+        return reference.strip() in prediction
+    if metric == "regex":
+        return re.search(reference, prediction) is not None
+    return prediction.strip() == reference.strip()
+
+
+def render_turns(tokenizer: Any, conversations: list[list[dict]],
+                 chat_template: str | None = None, model_path: str = "the model") -> list[str]:
+    """Each conversation rendered with the chat template and the assistant's generation
+    prompt, as :func:`render_chat` does for one user message."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"--chat: the tokenizer of {model_path} has no chat template; pass "
+                          "--chat_template")
+    what = "--chat_template" if chat_template is not None else f"the chat template of {model_path}"
+    why = chat_template_problem(chat_template) if chat_template is not None else None
+    if why:
+        raise ConfigError(f"{what}: {why}")
+    out = []
+    for i, turns in enumerate(conversations, 1):
+        try:
+            out.append(tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True, chat_template=chat_template))
+        except Exception as e:  # noqa: BLE001 - jinja2's errors, and what templates raise
+            raise ConfigError(f"{what}: record {i}: {template_error(e)}") from None
+    return out
+
+
+def turn_end(tokenizer: Any, chat_template: str | None = None) -> str | None:
+    """The text the chat template writes after an assistant's answer (``<|im_end|>`` for
+    chatml), when it is not a special token that generation stops at or decoding drops: a
+    chat answer ends there. None when the template writes nothing after it."""
+    sentinel = "\u2063fmtune-answer\u2063"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}],
+            tokenize=False, chat_template=chat_template)
+    except Exception:  # noqa: BLE001 - the prompts rendered; a template may refuse this one
+        return None
+    after = text.partition(sentinel)[2].strip()
+    marker = after.split()[0] if after else ""
+    return marker or None
+
+
+def score(model: Any, tokenizer: Any, prompts: list[str], references: list[str],
+          metric: str = "exact_match", max_new_tokens: int = 64,
+          add_special_tokens: bool = True, stop: str | None = None
+          ) -> tuple[float, list[str], list[bool]]:
+    """``(accuracy, predictions, hits)`` of greedy outputs against the references; each
+    output is cut at ``stop`` (a chat template's end of turn, :func:`turn_end`)."""
+    preds = generate(model, tokenizer, prompts, max_new_tokens, add_special_tokens,
+                     progress=True)
+    if stop:
+        preds = [p.split(stop, 1)[0] for p in preds]
+    hits = [matches(p, r, metric) for p, r in zip(preds, references)]
+    return (sum(hits) / len(hits) if hits else 0.0), preds, hits
+
+
+# --------------------------------------------------------- evaluate's outputs
+
+
+def task_plugin(flag: str = "--tasks") -> Any:
+    """The installed plugin that owns the ``eval_tasks`` option (entry point group
+    ``fmtune.implied_by``), loaded; it provides ``prepare_tasks`` (``fmtune evaluate
+    --tasks``). None installed: a one-line error naming the distribution to install, from the
+    catalog of first-party plugins (the core names no plugin)."""
+    from . import plugins as plugin_mod
+
+    found = plugin_mod.implied({"eval_tasks": ["tasks"]}, [], [])
+    if not found:
+        owner = plugin_mod.provider_of("eval_tasks")
+        what = (f"plugin {owner[0]!r}, which is not installed: pip install {owner[1]}" if owner
+                else "a plugin that runs lm-eval tasks, and none is installed")
+        raise ConfigError(f"{flag} needs {what}")
+    name = found[0][0]
+    plugin = plugin_mod.load([name]).get_plugin(name)
+    if not callable(getattr(plugin, "prepare_tasks", None)):
+        raise ConfigError(f"{flag}: plugin {name!r} owns eval_tasks but has no prepare_tasks")
+    return plugin
+
+
+def write_record_scores(output_path: str, records: list[dict], references: list[str],
+                        predictions: list[str], hits: list[bool], accuracy: float,
+                        **about: Any) -> tuple[str, str]:
+    """OUTPUT/records.jsonl (one line per record: where, prompt, reference, prediction,
+    correct) and OUTPUT/records.json (the score, and ``about``: data, model, metric...), each
+    written atomically; returns their paths."""
+    import sys
+
+    from .files import write_atomic, write_json
+    from .records import record_where
+
+    os.makedirs(output_path, exist_ok=True)
+    data = str(about.get("data") or getattr(records, "path", "") or "data")
+    lines = []
+    for i, (rec, ref, pred, hit) in enumerate(zip(records, references, predictions, hits)):
+        asked = rec.get("messages") if about.get("chat") else rec.get("input")
+        lines.append(json.dumps({"record": record_where(data, rec, i), "prompt": asked,
+                                 "reference": ref, "prediction": pred, "correct": hit},
+                                ensure_ascii=False) + "\n")
+    per_record = os.path.join(output_path, "records.jsonl")
+    write_atomic(per_record, "".join(lines))
+    summary = os.path.join(output_path, "records.json")
+    write_json(summary, {**about, "score": accuracy, "correct": sum(hits), "total": len(hits),
+                         "records": os.path.basename(per_record)}, ensure_ascii=False)
+    print(f"fmtune: wrote {summary} and {per_record}", file=sys.stderr)
+    return summary, per_record
