@@ -266,3 +266,51 @@ def doc_module(path: str | os.PathLike, section: str, name: str):
     module = types.ModuleType(name)
     exec(compile(code, f"{path}: {name}", "exec"), module.__dict__)  # the doc's own code
     return module
+
+
+def build_llama_tokenizer(folder: str | os.PathLike, texts: Iterable[str],
+                          vocab_size: int = 600) -> str:
+    """A sentencepiece-style (Llama 2) tokenizer trained on ``texts`` with the ``tokenizers``
+    library and saved to ``folder`` (returned): BPE over ``▁``-joined words with byte fallback
+    (``<0x00>``..``<0xFF>``), ``<unk>`` 0, ``<s>`` 1 (BOS, added in front of every text),
+    ``</s>`` 2 (EOS), as ``tokenizer.json`` and a ``tokenizer_config.json`` declaring
+    ``LlamaTokenizerFast``, as Llama 2 / TinyLlama tokenizers on the hub are. No download."""
+    import json
+
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                            pre_tokenizers, processors, trainers)
+
+    texts = list(texts)
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+    learner.pre_tokenizer = pre_tokenizers.Split(Regex("▁[^▁]*|[^▁]+"), "isolated")
+    learner.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    # Llama 2's tokenizer.json: no pre-tokenizer, a normalizer that prepends and replaces
+    # spaces with ▁, and a decoder undoing it
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>",
+                   "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+                   "add_bos_token": True, "add_eos_token": False, "legacy": False,
+                   "clean_up_tokenization_spaces": False, "model_max_length": 2048}, f, indent=1)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+    return str(folder)

@@ -44,6 +44,9 @@ def _write_parquet(ds, folder: str, split: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"writing {split}_dataset", unit=" rows", disable=None)  # off when not a tty
     parts, writer, rows, in_shard = [], None, 0, 0
     for batch in ds.iter(batch_size=10_000):
         table = pa.table({c: pa.array(v, pa.list_(pa.type_for_alias(TOKEN_TYPES[c]))
@@ -57,10 +60,12 @@ def _write_parquet(ds, folder: str, split: str) -> int:
             writer.write_table(take)
             in_shard += take.num_rows
             rows += take.num_rows
+            bar.update(take.num_rows)
             table = table.slice(take.num_rows)
             if in_shard == SHARD_ROWS:
                 writer.close()
                 writer = None
+    bar.close()
     if writer is not None:
         writer.close()
     for k, part in enumerate(parts):

@@ -19,7 +19,10 @@ from fmtune.records import DataError  # bad data: the message names file, record
 log = logging.getLogger("fmtune")
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",
-            ".csv": "csv"}
+            ".csv": "csv", ".txt": "text"}
+# a folder's .txt files are data only for --ept (raw-text corpora); elsewhere a README.txt next
+# to the data files is not data. A .txt file or glob named as data is always loaded (a row per line).
+FOLDER_TXT = ".txt"
 
 
 class RecordError(DataError):
@@ -119,7 +122,7 @@ def _in_output_folder(folder: str, base: str, why: dict[str, str | None]) -> boo
         folder = os.path.dirname(folder)
 
 
-def expand(path: str, quiet: bool = False) -> list[str]:
+def expand(path: str, quiet: bool = False, txt: bool = False) -> list[str]:
     """Files behind a path, folder or glob (sorted); [] when none exist. A ``save_to_disk``
     folder inside a folder counts with its Arrow files only, not its JSON metadata.
 
@@ -155,6 +158,7 @@ def expand(path: str, quiet: bool = False) -> list[str]:
                 continue
             found += sorted(os.path.join(root, f) for f in files
                             if os.path.splitext(f)[1] in BUILDERS and
+                            (txt or os.path.splitext(f)[1] != FOLDER_TXT) and
                             not (f == SAVED_DICT and saved_kind(root) == "dict"))
         return found if saved_kind(path) else sorted(found)
     return [path] if os.path.isfile(path) else []
@@ -442,7 +446,7 @@ def utf8_error(path: str, chunk_size: int = 1 << 20) -> str | None:
             offset += len(data)
 
 
-TEXT_KINDS = ("json", "csv")
+TEXT_KINDS = ("json", "csv", "text")
 
 
 def load_files(files: list[str], builder: str | None = None, streaming: bool = False):
@@ -540,6 +544,8 @@ def file_columns(path: str, builder: str | None = None) -> list[str] | None:
         if kind == "json":
             record = _first_json_record(path)
             return None if record is None else list(record)
+        if kind == "text":
+            return ["text"]
         if kind == "csv":
             import csv
 
@@ -609,6 +615,10 @@ def _record_in_file(path: str, kind: str, k: int) -> tuple[str | None, int | Non
                     return where, None
                 n += 1
             return None, n
+        if kind == "text":  # datasets' text builder: a row per line
+            with open(path, encoding="utf-8") as f:
+                n = sum(1 for _ in f)
+            return (f"{path}:{k + 1}" if k < n else None), n
         if kind == "csv":
             import csv
 
@@ -653,13 +663,13 @@ def add_row_numbers(ds):
 
 
 def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
-               split: str | None = None, origins: Origins | None = None):
+               split: str | None = None, origins: Origins | None = None, txt: bool = False):
     """One dataset from one or more paths/folders/globs/hub ids (concatenated).
 
     ``split`` (a data_config's ``dataset_split_name``) picks a named split of a hub id or of a
     folder in the Hub's layout (``data/train_sft-00000-of-00001.parquet``); files have one.
     With ``origins``, the dataset gets the :data:`ROW` column and ``origins`` what maps it
-    back to files and lines.
+    back to files and lines. ``txt``: a folder's .txt files are data too (``--ept``).
     """
     from datasets import concatenate_datasets
 
@@ -675,7 +685,7 @@ def load_paths(paths: Any, builder: str | None = None, streaming: bool = False,
             if origins is not None:
                 origins.add(parts[-1], "hub", path)
             continue
-        files = expand(path)
+        files = expand(path, txt=txt)
         if files and split and split != "train":
             raise DataError(f"{path}: dataset_split_name {split!r}: a data file has only the "
                             "split 'train' (named splits come from a hub id or a folder)")

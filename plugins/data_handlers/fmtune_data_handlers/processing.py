@@ -253,7 +253,26 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
 
 
 def steps_from_flags(config, columns: list[str]) -> list[Step]:
-    """The handler steps fms-hf-tuning's flags imply for data with these columns."""
+    """The handler steps fms-hf-tuning's flags imply for data with these columns; with
+    ``--ept``, text tokenized whole (no truncation: the blocks are cut later)."""
+    if not getattr(config, "ept", False):
+        return _flag_steps(config, columns)
+    if "input_ids" in columns:
+        return []
+    if not (config.dataset_text_field or config.data_formatter_template):
+        if "text" not in columns:
+            raise DataError(f"--ept trains raw text: no 'text' column (columns: {columns}); set "
+                            "--dataset_text_field or --data_formatter_template")
+        return [Step("tokenize", {"text_column_name": "text", "truncation": False},
+                     remove_columns="all")]
+    steps = _flag_steps(config, columns)
+    for step in steps:
+        if step.name == "tokenize":
+            step.fn_kwargs["truncation"] = False
+    return steps
+
+
+def _flag_steps(config, columns: list[str]) -> list[Step]:
     kw = {}
     if config.data_formatter_template:
         return [Step("apply_custom_jinja_template", {"template": config.data_formatter_template,
@@ -589,7 +608,8 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
     train_parts = []
     for spec in dc.datasets:
         origins = Origins()
-        ds = load_paths(spec.data_paths, spec.builder, dc.streaming, spec.split_name, origins)
+        ds = load_paths(spec.data_paths, spec.builder, dc.streaming, spec.split_name, origins,
+                        txt=bool(getattr(config, "ept", False)))
         parts = split_dataset(ds, spec, dc)
         if "validation" in parts:
             valids.append(_finish(run_steps(spec, parts["validation"], origins), spec.name,
@@ -602,7 +622,7 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         spec = DatasetSpec("validation_data", split_paths(validation_paths),
                            steps=flag_steps if dc.source == "flags" else [])
         origins = Origins()
-        ds = load_paths(spec.data_paths, origins=origins)
+        ds = load_paths(spec.data_paths, origins=origins, txt=bool(getattr(config, "ept", False)))
         valids.append(_finish(run_steps(spec, ds, origins), "validation_data",
                               counts["validation"], dc.streaming))
 
@@ -616,6 +636,11 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
     else:
         train = concatenate_datasets(trains)
     validation = concatenate_datasets(valids) if len(valids) > 1 else (valids[0] if valids else None)
+    if getattr(config, "ept", False):  # documents -> blocks of max_seq_length tokens
+        from .ept import to_blocks
+
+        train = to_blocks(train, config.max_seq_length)
+        validation = None if validation is None else to_blocks(validation, config.max_seq_length)
     if not dc.streaming and len(train) == 0:
         reasons = "; ".join(f"{n} {s}" for s, n in counts["train"].items())
         raise DataError(f"{dc.source}: no usable training examples ({reasons})")
