@@ -16,7 +16,7 @@ PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml
 EDITABLES := -e '.[test]' $(foreach p,$(PLUGIN_DIRS),-e $(p))
 DEMO_DIR ?= runs/quickstart
 
-.PHONY: demo test lint packaging venv bench clean lock test-latest latest-venv
+.PHONY: demo test lint packaging venv bench bench-check clean lock test-latest latest-venv
 
 venv: $(STAMP)
 
@@ -69,6 +69,11 @@ lock: latest-venv
 
 bench: $(STAMP)
 	$(BIN)/python bench/startup.py
+
+# quick benchmarks, each a ratio measured side by side in one run, that must stay within the
+# limits bench/check.py states (see docs/benchmarks.md, "CI performance check"); ~3-5 min on 2 cores
+bench-check: $(STAMP)
+	$(BIN)/python bench/check.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs

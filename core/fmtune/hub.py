@@ -25,27 +25,185 @@ def quant_method(model_or_folder: Any) -> str | None:
     return str(method).lower() if method else None
 
 
+# Packages that libraries import whenever they are installed, whatever the run, for features a
+# fine-tuning run of a causal LM does not use: each costs 0.3-1.5 s of CPU at every start (the
+# imports of a 1-step LoRA run on a 2-core machine went from ~22 s to ~13 s without them).
+# peft: bitsandbytes (peft.helpers, and its layer dispatchers while it adapts layers) and
+# gptqmodel (while it adapts or loads an adapter onto layers; gptqmodel also prints a banner and
+# changes PYTORCH_ALLOC_CONF / CUDA_DEVICE_ORDER); transformers: scipy (the Hungarian matcher of
+# the object-detection losses) and torchao (its quantizer's safetensors support); accelerate:
+# boto3 (SageMaker configs).
+# While the module named here is imported, the packages are hidden; afterwards they are
+# importable again, the libraries' cached "is X installed" answers are cleared, and each name
+# the module would have bound from them becomes a stand-in that imports it on first use
+# ("pkg.module" a module, "pkg.module:attr" a function), so a run that does use the feature
+# (a QLoRA or torchao model, an object-detection loss) behaves as before.
+DEFERRED: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "peft": (("bitsandbytes", "gptqmodel"), {"peft.helpers:bnb": "bitsandbytes"}),
+    "transformers.quantizers.quantizer_torchao": (("torchao",), {
+        "transformers.quantizers.quantizer_torchao:flatten_tensor_state_dict":
+            "torchao.prototype.safetensors.safetensors_support:flatten_tensor_state_dict"}),
+    "accelerate.commands.config.sagemaker": (("boto3",), {
+        "accelerate.commands.config.sagemaker:boto3": "boto3"}),
+    **{f"transformers.loss.loss_{name}": (("scipy",), {
+        f"transformers.loss.loss_{name}:linear_sum_assignment":
+            "scipy.optimize:linear_sum_assignment"})
+       for name in ("for_object_detection", "deformable_detr", "grounding_dino", "lw_detr",
+                    "rf_detr", "rt_detr")},
+}
+# packages peft imports while it adapts layers, to ask whether each layer is one of theirs: a
+# layer can only be one if its package is imported already (the model was quantized with it)
+WHILE_ADAPTING = ("bitsandbytes", "gptqmodel", "torchao")
+# quant_method -> the package its layers come from (the one peft must see)
+NEEDED_BY = {"gptq": "gptqmodel", "awq": "gptqmodel", "bitsandbytes": "bitsandbytes",
+             "torchao": "torchao"}
+# modules that cache "is package X installed" answers (transformers, accelerate, peft)
+_AVAILABILITY_MODULES = ("peft.import_utils", "accelerate.utils.imports",
+                         "transformers.utils.import_utils")
+
+
+def _forget_availability(names: list[str]) -> None:
+    """Clear the cached installed-or-not answers about the packages ``names``."""
+    keys = {n.lower() for n in names}
+    if "bitsandbytes" in keys:
+        keys.add("bnb")
+    for module_name in _AVAILABILITY_MODULES:
+        module = sys.modules.get(module_name)
+        for name, value in list(vars(module).items()) if module is not None else ():
+            if ((name == "_is_package_available" or any(k in name.lower() for k in keys))
+                    and callable(getattr(value, "cache_clear", None))):
+                value.cache_clear()
+
+
+@contextlib.contextmanager
+def _hidden(names: tuple[str, ...]):
+    """``names`` (top-level packages not imported yet) cannot be imported inside the block:
+    ``import`` raises ImportError and ``importlib.util.find_spec`` answers None."""
+    hidden = [n for n in names if n not in sys.modules]
+    if hidden:
+        _forget_availability(hidden)  # an answer cached before would now be wrong
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield hidden
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+        if hidden:
+            _forget_availability(hidden)
+
+
+class _OnFirstUse:
+    """Stands for a module (``pkg.module``) or a function (``pkg.module:attr``) that is
+    imported on first use."""
+
+    def __init__(self, target: str) -> None:
+        self._target = target
+
+    def _resolve(self) -> Any:
+        import importlib
+
+        module, _, attr = self._target.partition(":")
+        found = importlib.import_module(module)
+        return getattr(found, attr) if attr else found
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self._resolve(), attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._resolve()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self._target}, imported on first use>"
+
+
+def _bind_on_first_use(names: dict[str, str], hidden: list[str]) -> None:
+    """Each ``module:attr`` left unset (or None) because its package was hidden becomes an
+    :class:`_OnFirstUse` stand-in, where that package is installed."""
+    import importlib.util
+
+    for where, target in names.items():
+        module_name, _, attr = where.partition(":")
+        package = target.partition(".")[0].partition(":")[0]
+        module = sys.modules.get(module_name)
+        if module is None or package not in hidden or getattr(module, attr, None) is not None:
+            continue
+        if package in sys.modules or importlib.util.find_spec(package) is not None:
+            setattr(module, attr, _OnFirstUse(target))
+
+
 @contextlib.contextmanager
 def without_unused_gptqmodel(method: str | None):
-    """peft asks, for every layer it adapts or loads an adapter onto, whether it is a gptqmodel
-    layer, and imports gptqmodel to find out whenever it is installed: ~1 s of imports (triton,
-    torchao, ...), a banner on stdout and environment variables changed (PYTORCH_ALLOC_CONF,
-    CUDA_DEVICE_ORDER) where no GPTQ model is used. Unless the base's ``method`` (its
-    quantization_config's quant_method) is gptq/awq, gptqmodel is hidden from peft inside the
-    block (peft's cached answer is cleared before and after)."""
-    if "gptqmodel" in sys.modules or method in ("gptq", "awq"):
-        yield
-        return
-    from peft import import_utils
+    """peft asks, for every layer it adapts or loads an adapter onto, whether it is a gptqmodel,
+    bitsandbytes or torchao layer, and imports those packages to find out whenever they are
+    installed: ~0.5-1 s of imports each (triton, torch._dynamo, torch._inductor, ...), and
+    gptqmodel prints a banner on stdout and changes environment variables
+    (PYTORCH_ALLOC_CONF, CUDA_DEVICE_ORDER) where no GPTQ model is used. Inside the block they
+    are hidden from peft, except the one the base's ``method`` (its quantization_config's
+    quant_method) needs; a package already imported (a model quantized with it is loaded) is
+    never hidden. peft's cached answers are cleared before and after."""
+    needed = NEEDED_BY.get(method or "")
+    names = tuple(n for n in WHILE_ADAPTING if n != needed)
+    with _hidden(names) as hidden:
+        import importlib
 
-    import_utils.is_gptqmodel_available.cache_clear()
-    sys.modules["gptqmodel"] = None  # find_spec() answers None, import raises ImportError
-    try:
+        importlib.import_module("peft")  # if not imported yet: here, with the packages hidden
+        _bind_on_first_use(DEFERRED["peft"][1], hidden)
         yield
-    finally:
-        if sys.modules.get("gptqmodel", 0) is None:
-            del sys.modules["gptqmodel"]
-        import_utils.is_gptqmodel_available.cache_clear()
+
+
+class _DeferringLoader:
+    """A module's own loader, run with the packages :data:`DEFERRED` names for it hidden;
+    everything else is delegated to it."""
+
+    def __init__(self, loader: Any, deferral: tuple[tuple[str, ...], dict[str, str]]) -> None:
+        self._loader = loader
+        self._deferral = deferral
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = self._loader  # the module keeps its own loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        packages, names = self._deferral
+        with _hidden(packages) as hidden:
+            self._loader.exec_module(module)
+        _bind_on_first_use(names, hidden)
+
+
+class _DeferringFinder:
+    """A ``sys.meta_path`` entry that acts only on the imports :data:`DEFERRED` names."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        deferral = DEFERRED.get(name)
+        if deferral is None:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _DeferringLoader(spec.loader, deferral)
+        return spec
+
+
+def lean_imports() -> None:
+    """From now on in this process, the modules :data:`DEFERRED` names are imported without the
+    packages they would import for features a fine-tuning run does not use (bitsandbytes and
+    gptqmodel by peft, scipy and torchao by transformers, boto3 by accelerate): ~1.5-3 s of
+    imports at every start. Those packages stay importable and are imported on first use, so a
+    run that uses them (QLoRA, a GPTQ or torchao model) behaves as before. Idempotent; modules
+    already imported are left as they are."""
+    if not any(isinstance(f, _DeferringFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeferringFinder())
 
 
 def looks_local(path: str) -> bool:
@@ -141,6 +299,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, cache_dir: str | 
         from transformers import TokenizersBackend
 
         return from_pretrained(TokenizersBackend.from_pretrained, path, "tokenizer")
+    if llama_fast_tokenizer(path):  # the class AutoTokenizer picks, without torch (issue 19)
+        from transformers import LlamaTokenizer
+
+        return from_pretrained(LlamaTokenizer.from_pretrained, path, "tokenizer")
     from transformers import AutoTokenizer
 
     extra = {"cache_dir": cache_dir} if cache_dir else {}
@@ -163,6 +325,54 @@ def generic_fast_tokenizer(path: str) -> bool:
         return False
     overridden = _models_with_overridden_tokenizer_class()
     return overridden is not None and model_type not in overridden
+
+
+def llama_fast_tokenizer(path: str) -> bool:
+    """True when ``path`` is a sentencepiece-style Llama tokenizer folder that AutoTokenizer
+    loads as ``LlamaTokenizer``: ``tokenizer_class`` LlamaTokenizer(Fast), a ``tokenizer.json``
+    that is not byte-level (Llama 3 style, which AutoTokenizer gives to TokenizersBackend),
+    model_type llama or no config.json, no custom code, not one of transformers' listed hub ids."""
+    import fnmatch
+
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return False
+    declared = read_json_object(os.path.join(path, "tokenizer_config.json"))
+    model_file = os.path.join(path, "config.json")
+    model = read_json_object(model_file) if os.path.isfile(model_file) else {}
+    if declared is None or model is None or "auto_map" in declared or "auto_map" in model:
+        return False
+    if (str(declared.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer"
+            or model.get("model_type", "llama") != "llama"):
+        return False
+    overridden, backend_ids = (_models_with_overridden_tokenizer_class(),
+                               _auto_tokenizer_list("MODEL_IDS_TO_TOKENIZERS_BACKEND"))
+    if overridden is None or "llama" in overridden or backend_ids is None or any(
+            fnmatch.fnmatch(path.lower(), p) for p in backend_ids):
+        return False
+    from transformers import TokenizersBackend
+
+    return not TokenizersBackend._tokenizer_json_has_byte_level(path)
+
+
+@functools.cache
+def _auto_tokenizer_list(name: str) -> tuple[str, ...] | None:
+    """A list literal of transformers' tokenization_auto.py, read from its source (importing
+    it imports torch); None when it cannot be read."""
+    import ast
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = os.path.join(list(spec.submodule_search_locations)[0], "models", "auto",
+                          "tokenization_auto.py")
+    try:
+        with open(source, encoding="utf-8") as f:
+            found = re.search(rf"^{name}[^=\n]*=\s*(\[.*?\])", f.read(), re.S | re.M)
+        return tuple(ast.literal_eval(found.group(1))) if found else None
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 @functools.cache

@@ -492,6 +492,31 @@ def build_trainer(run: Run, args: Any, train_ds: Any, eval_ds: Any) -> None:
         callbacks=[make_callback(run)]), "build_trainer")
     run.is_main_process = run.trainer.is_world_process_zero()
     run.state = run.trainer.state
+    count_flat_batches(run.trainer)
+
+
+def count_flat_batches(trainer: Any) -> None:
+    """Every token of a padding-free or packed batch counts in ``num_input_tokens_seen`` (and
+    so in ``train_tokens`` and tokens/s). Such a batch (``position_ids``, no
+    ``attention_mask``: examples back to back, as fmtune's padding-free and packing collators
+    build them) holds no padding, but transformers counts its "non-padding" tokens as
+    ``input_ids != pad_token_id``: with pad = eos (llama tokenizers) each example's eos was
+    left out. The trainer's counter is given the batch with an all-ones mask instead; other
+    batches are counted by transformers as before."""
+    track = getattr(trainer, "_track_num_input_tokens", None)
+    args = getattr(trainer, "args", None)
+    if track is None or getattr(args, "include_num_input_tokens_seen", None) != "non_padding":
+        return
+
+    def track_num_input_tokens(inputs):
+        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+        if ids is not None and "attention_mask" not in inputs and "position_ids" in inputs:
+            import torch
+
+            inputs = {**inputs, "attention_mask": torch.ones_like(ids)}
+        return track(inputs)
+
+    trainer._track_num_input_tokens = track_num_input_tokens
 
 
 def begin_output(run: Run, record: dict[str, Any], rerun: runlock.Rerun) -> None:
