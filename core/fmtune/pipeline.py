@@ -396,6 +396,17 @@ def report_error(run: Run, error: BaseException) -> None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MB: the kernel's high-water mark of its address
+    space (VmHWM), which starts anew at exec. Not ``ru_maxrss``: Linux carries that across
+    fork and exec, so a run started from a large process (a notebook, a test runner) would
+    report the parent's memory."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
