@@ -39,7 +39,8 @@ def test_lora_run_imports_only_what_it_uses(fmtune_tiny_model, tmp_path):
 
 DEFERRED = r"""
 import importlib.util, sys
-import fmtune.models  # installs the finder, as every command does
+from fmtune.hub import lean_imports
+lean_imports()  # as every command does
 import numpy as np
 import peft, peft.helpers
 import transformers.loss.loss_for_object_detection as od

@@ -681,6 +681,13 @@ def main(argv: list[str] | None = None, extra_plugins: list[Any] = ()) -> int:
         return 2
     _setup_logging()
     _close_stdin()
+    # from here on, peft, transformers and accelerate are imported without the packages they
+    # import for features a run does not use (bitsandbytes, gptqmodel, scipy, torchao, boto3;
+    # imported on first use instead): fmtune.hub.lean_imports. Done by the command line only,
+    # never by importing an fmtune module, so a program that imports fmtune keeps its imports
+    from .hub import lean_imports
+
+    lean_imports()
     token = _IN_TEST_PLUGINS.set(tuple(extra_plugins))
     try:
         if command is None:

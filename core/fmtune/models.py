@@ -16,18 +16,12 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from .hub import from_pretrained, lean_imports, quant_method, without_unused_gptqmodel
+from .hub import from_pretrained, quant_method, without_unused_gptqmodel
 
 if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger("fmtune")
-
-# every command loads the core's model plugin, which imports this module: from here on, peft,
-# transformers and accelerate are imported without the packages they import for features a
-# run does not use (bitsandbytes, gptqmodel, scipy, torchao, boto3: fmtune.hub.lean_imports);
-# those are imported on first use
-lean_imports()
 
 __all__ = ["device_map", "fit_to_tokenizer", "from_pretrained", "load_full_model", "quant_method",
            "resolve_attn_implementation", "resolve_dtype", "without_unused_gptqmodel"]
