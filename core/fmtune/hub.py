@@ -355,9 +355,9 @@ def llama_fast_tokenizer(path: str) -> bool:
 
 
 @functools.cache
-def _auto_tokenizer_list(name: str) -> tuple[str, ...] | None:
-    """A list literal of transformers' tokenization_auto.py, read from its source (importing
-    it imports torch); None when it cannot be read."""
+def _tokenization_auto_literal(name: str) -> Any:
+    """The list or dict literal bound to ``name`` in transformers' tokenization_auto.py, read
+    from its source (importing the module imports torch); None when it cannot be read."""
     import ast
     import importlib.util
     import re
@@ -369,30 +369,21 @@ def _auto_tokenizer_list(name: str) -> tuple[str, ...] | None:
                           "tokenization_auto.py")
     try:
         with open(source, encoding="utf-8") as f:
-            found = re.search(rf"^{name}[^=\n]*=\s*(\[.*?\])", f.read(), re.S | re.M)
-        return tuple(ast.literal_eval(found.group(1))) if found else None
+            found = re.search(rf"^{name}[^=\n]*=\s*(\[.*?\]|\{{.*?\}})", f.read(),
+                              re.S | re.M)
+        return ast.literal_eval(found.group(1)) if found else None
     except (OSError, ValueError, SyntaxError):
         return None
 
 
-@functools.cache
+def _auto_tokenizer_list(name: str) -> tuple[str, ...] | None:
+    """A list literal of transformers' tokenization_auto.py; None when it cannot be read."""
+    found = _tokenization_auto_literal(name)
+    return tuple(found) if found is not None else None
+
+
 def _models_with_overridden_tokenizer_class() -> frozenset[str] | None:
     """transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, read from its source: importing
     the module imports torch. None (= always use AutoTokenizer) when it cannot be read."""
-    import ast
-    import importlib.util
-    import re
-
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    source = os.path.join(list(spec.submodule_search_locations)[0], "models", "auto",
-                          "tokenization_auto.py")
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-        found = re.search(r"^MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS[^=\n]*=\s*(\{.*?\})",
-                          text, re.S | re.M)
-        return frozenset(ast.literal_eval(found.group(1))) if found else None
-    except (OSError, ValueError, SyntaxError):
-        return None
+    found = _tokenization_auto_literal("MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS")
+    return frozenset(found) if found is not None else None

@@ -155,22 +155,8 @@ def render_chat(tokenizer: Any, texts: list[str], chat_template: str | None = No
                 model_path: str = "the model") -> list[str]:
     """Each text as one user message, rendered with the chat template and the assistant's
     generation prompt (``--chat``)."""
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"--chat: the tokenizer of {model_path} has no chat template; pass "
-                          "--chat_template")
-    what = "--chat_template" if chat_template is not None else f"the chat template of {model_path}"
-    why = chat_template_problem(chat_template) if chat_template is not None else None
-    if why:
-        raise ConfigError(f"{what}: {why}")
-    out = []
-    for i, text in enumerate(texts, 1):
-        try:
-            out.append(tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
-                chat_template=chat_template))
-        except Exception as e:  # noqa: BLE001 - jinja2's errors, and what templates raise
-            raise ConfigError(f"{what}: prompt {i}: {template_error(e)}") from None
-    return out
+    return render_turns(tokenizer, [[{"role": "user", "content": t}] for t in texts],
+                        chat_template, model_path, item="prompt")
 
 
 def chat_template_problem(template: str) -> str | None:
@@ -311,9 +297,10 @@ def matches(prediction: str, reference: str, metric: str) -> bool:
 
 
 def render_turns(tokenizer: Any, conversations: list[list[dict]],
-                 chat_template: str | None = None, model_path: str = "the model") -> list[str]:
+                 chat_template: str | None = None, model_path: str = "the model",
+                 item: str = "record") -> list[str]:
     """Each conversation rendered with the chat template and the assistant's generation
-    prompt, as :func:`render_chat` does for one user message."""
+    prompt; an error names the ``item`` (record, prompt) by its number."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"--chat: the tokenizer of {model_path} has no chat template; pass "
                           "--chat_template")
@@ -327,7 +314,7 @@ def render_turns(tokenizer: Any, conversations: list[list[dict]],
             out.append(tokenizer.apply_chat_template(
                 turns, tokenize=False, add_generation_prompt=True, chat_template=chat_template))
         except Exception as e:  # noqa: BLE001 - jinja2's errors, and what templates raise
-            raise ConfigError(f"{what}: record {i}: {template_error(e)}") from None
+            raise ConfigError(f"{what}: {item} {i}: {template_error(e)}") from None
     return out
 
 
