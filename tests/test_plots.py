@@ -133,3 +133,22 @@ print(heavy)
     assert res.returncode == 0, res.stderr
     assert "usage: fmtune plot" in res.stdout
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_task_scores_get_their_own_panel(trained, tmp_path):
+    """eval_* metrics other than the loss (the evaluation plugin's task scores) are drawn in a
+    second panel below the losses; a run without them keeps the one-panel plot."""
+    out = tmp_path / "scores"
+    out.mkdir()
+    lines = (trained / "training_logs.jsonl").read_text().splitlines()
+    for step, value in ((3, 0.25), (6, 0.875)):
+        lines.append(json.dumps({"name": "eval_recall_exact_match", "data": {
+            "epoch": 1.0, "step": step, "timestamp": "2026-12-03T00:00:00", "value": value}}))
+    (out / "training_logs.jsonl").write_text("\n".join(lines) + "\n")
+    res = run_cli(["plot", str(out)])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.strip().endswith(", 2 eval_recall_exact_match points")
+    with Image.open(out / "loss.png") as img:
+        assert img.size == (SIZE[0], int((plots.FIGSIZE[1] + plots.SCORES_HEIGHT) * plots.DPI))
+    assert color_pixels(out / "loss.png", plots.SCORE_COLORS[0]) > 20
+    assert color_pixels(trained / "loss.png", plots.SCORE_COLORS[0]) == 0

@@ -1,4 +1,6 @@
-"""The loss plot: training and validation loss against step, learning rate on a second axis.
+"""The loss plot: training and validation loss against step, learning rate on a second axis,
+and, when the run logged task scores (``eval_*`` metrics other than the loss, e.g. the
+evaluation plugin's ``eval_TASK_METRIC``), a second panel with them.
 
 ``plot_loss(output_dir)`` draws ``OUTPUT_DIR/loss.png`` from
 ``training_logs.jsonl`` (written by every run) and, when it is given or can be
@@ -31,6 +33,10 @@ PLOT_FILE = "loss.png"
 FIGSIZE = (8.0, 5.0)  # inches
 DPI = 100  # so loss.png is 800 x 500 pixels
 TRAIN_COLOR, EVAL_COLOR, LR_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c"  # blue, orange, green
+# task scores (metrics logged as eval_*, e.g. the evaluation plugin's eval_TASK_METRIC) get a
+# second panel below the losses, one line each in these colours (purple, brown, pink, ...)
+SCORE_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+SCORES_HEIGHT = 3.0  # inches added for the scores panel
 
 Points = list[tuple[int, float]]
 
@@ -44,21 +50,31 @@ class LossPlot:
     eval: Points = field(default_factory=list)
     learning_rate: Points = field(default_factory=list)
     learning_rate_from: str | None = None
+    scores: dict[str, Points] = field(default_factory=dict)
 
     def describe(self) -> str:
         lr = (f", learning rate from {self.learning_rate_from}" if self.learning_rate
               else ", no learning rate")
+        scores = "".join(f", {len(p)} {name} points" for name, p in self.scores.items())
         return (f"{self.path}: {len(self.train)} training and {len(self.eval)} validation loss "
-                f"points{lr}")
+                f"points{lr}{scores}")
 
 
 def read_losses(output_dir: str) -> tuple[Points, Points]:
     """(training, validation) loss points ``(step, value)`` from ``training_logs.jsonl``."""
+    train, evals, _ = read_logs(output_dir)
+    return train, evals
+
+
+def read_logs(output_dir: str) -> tuple[Points, Points, dict[str, Points]]:
+    """(training loss, validation loss, scores) points ``(step, value)`` from
+    ``training_logs.jsonl``; scores are the other metrics named ``eval_*``, by name."""
     path = os.path.join(output_dir, LOGS_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: not found (is {output_dir} the output_dir of an fmtune run?)")
     train: Points = []
     evals: Points = []
+    scores: dict[str, Points] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -74,7 +90,9 @@ def read_losses(output_dir: str) -> tuple[Points, Points]:
                 train.append(point)
             elif name == "validation_loss":
                 evals.append(point)
-    return train, evals
+            elif str(name).startswith("eval_"):
+                scores.setdefault(str(name), []).append(point)
+    return train, evals, scores
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -116,23 +134,27 @@ def plot_loss(output_dir: str, path: str | None = None, lr: Points | None = None
     ``lr``: learning-rate points to draw; ``None`` reads them from the latest checkpoint.
     Raises :class:`ConfigError` when there is no training log or no loss to draw.
     """
-    train, evals = read_losses(output_dir)
+    train, evals, scores = read_logs(output_dir)
     if not train and not evals:
         raise ConfigError(f"{os.path.join(output_dir, LOGS_FILE)}: no loss logged yet, "
                           "nothing to plot")
     if lr is None:
         lr, lr_from = checkpoint_learning_rates(output_dir)
     plot = LossPlot(path or os.path.join(output_dir, PLOT_FILE), train, evals, list(lr),
-                    lr_from if lr else None)
+                    lr_from if lr else None, scores)
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     # The object API, not pyplot: no global figure state, no GUI backend, thread-safe.
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    width, height = FIGSIZE
+    fig = Figure(figsize=(width, height + (SCORES_HEIGHT if scores else 0)), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if scores:
+        ax, ax_scores = fig.subplots(2, 1, sharex=True, height_ratios=(height, SCORES_HEIGHT))
+    else:
+        ax, ax_scores = fig.add_subplot(), None
     handles = []
     if train:
         handles += ax.plot(*zip(*train), color=TRAIN_COLOR, marker="o" if len(train) <= 50 else None,
@@ -154,6 +176,16 @@ def plot_loss(output_dir: str, path: str | None = None, lr: Points | None = None
         ax2.set_ylim(bottom=0)
     ax.legend(handles=handles, loc="upper right", fontsize="small")
     ax.set_title(title or f"fmtune: {os.path.basename(os.path.abspath(output_dir))}")
+    if ax_scores is not None:
+        for i, (name, points) in enumerate(sorted(scores.items())):
+            ax_scores.plot(*zip(*points), color=SCORE_COLORS[i % len(SCORE_COLORS)], marker="D",
+                           markersize=4, linewidth=1.5, label=name.removeprefix("eval_"))
+        ax_scores.set_xlabel("step")
+        ax_scores.set_ylabel("evaluation score")
+        ax_scores.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_scores.grid(True, alpha=0.3)
+        ax_scores.legend(loc="lower right", fontsize="small")
+        ax.set_xlabel("")
     fig.tight_layout()
     tmp = plot.path + ".tmp.png"
     fig.savefig(tmp, format="png")
