@@ -77,6 +77,8 @@ def render() -> str:
     for spec in plugin_mod.implications():
         activates.setdefault(spec.option, []).append(
             f"`{spec.plugin}`" + (f" ({spec.value})" if spec.value else ""))
+    for plugins in activates.values():  # entry points come in the order distributions were
+        plugins.sort()                  # installed, which differs between machines
     legacy = ["### transformers 4 names", "",
               "Fields of transformers 4's `TrainingArguments` that transformers 5 removed "
               "(from `fmtune.training_options.LEGACY`):", "",
