@@ -159,6 +159,7 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
     names = plugin_mod.split_names(cli_plugins if cli_plugins is not None
                                    else yaml_values.get("plugins"))
     names += [n for n in activate if n not in names]
+    chosen = list(names)  # by the user (or the sub-command), before options imply more
     cli_pairs = parse_cli_flags(rest)
     # fms-hf-tuning's feature flags (--peft_method lora, --trackers aim, --data_config_path F)
     # activate the installed plugin that declares them (plugins.Implication)
@@ -168,7 +169,7 @@ def load_config(argv: list[str], extra_plugins: list[Any] = (), activate: list[s
         log.info("%s activates plugin %r (%s %s)", reason, plugin, info.distribution,
                  info.version)
         names.append(plugin)
-    missing = plugin_mod.not_installed(yaml_values, cli_pairs, available)
+    missing = plugin_mod.not_installed(yaml_values, cli_pairs, available, chosen)
     if missing:
         raise ConfigError("; ".join(missing))
     pm = plugin_mod.new_manager()

@@ -272,14 +272,20 @@ def distribution_of(plugin: str) -> str | None:
 
 
 def not_installed(yaml_values: dict, cli_pairs: list,
-                  available: dict[str, PluginInfo] | None = None) -> list[str]:
+                  available: dict[str, PluginInfo] | None = None,
+                  active: Collection[str] = ()) -> list[str]:
     """One line for each first-party plugin an option asks for that is not installed:
-    ``--peft_method lora needs plugin 'lora': pip install fmtune-peft-lora``."""
+    ``--peft_method lora needs plugin 'lora': pip install fmtune-peft-lora``. Chat records
+    found in the training file are a guess, not an option the user typed: with plugins of
+    the user's own choosing active (one of them may read them: ``vision``), they ask for
+    nothing, and a reader that cannot read them says so."""
     available = installed() if available is None else available
     specs = []
     for dist, info in known_distributions().items():
         for key, plugin in info.get("implied_by", {}).items():
             option, _, value = key.partition(":")
+            if option == "chat_records" and active:
+                continue
             specs.append(Implication(option, value.lower() or None, plugin, dist))
     given = _given(yaml_values, cli_pairs, {s.option for s in specs})
     return [f"{reason} needs plugin {spec.plugin!r}, which is not installed: "
