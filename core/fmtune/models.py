@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fmtune")
 
-__all__ = ["device_map", "fit_to_tokenizer", "from_pretrained", "load_full_model", "quant_method",
+__all__ = ["device_map", "ensure_pad_token", "fit_to_tokenizer", "from_pretrained", "load_full_model", "quant_method",
            "resolve_attn_implementation", "resolve_dtype", "without_unused_gptqmodel"]
 
 
@@ -114,6 +114,12 @@ def load_tokenizer(config: Config) -> Any:
 
         tok = load(config.tokenizer_name_or_path or config.model_name_or_path,
                    trust_remote_code=config.trust_remote_code, cache_dir=config.get("cache_dir"))
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok: Any) -> Any:
+    """``tok`` with a pad token: its eos token when it has none (one info line); a
+    :class:`~fmtune.config.ConfigError` when it has neither."""
     if tok.pad_token is None:
         if tok.eos_token is None:
             from .config import ConfigError

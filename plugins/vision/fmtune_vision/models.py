@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fmtune.config import ConfigError
-from fmtune.models import (device_map, fit_to_tokenizer, from_pretrained,
+from fmtune.models import (device_map, ensure_pad_token, fit_to_tokenizer, from_pretrained,
                            resolve_attn_implementation, resolve_dtype)
 
 log = logging.getLogger("fmtune")
@@ -73,11 +73,7 @@ def load_processor(config) -> Any:
         raise ConfigError(f"vision: {path} has no image processor and tokenizer "
                           "(preprocessor_config.json, tokenizer files): AutoProcessor loaded a "
                           f"{type(processor).__name__}")
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise ConfigError("the tokenizer has neither a pad nor an eos token")
-        log.info("tokenizer has no pad token: using eos %r for padding", tok.eos_token)
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)
     return processor
 
 
