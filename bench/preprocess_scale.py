@@ -32,6 +32,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from startup import write_section  # noqa: E402
 BIN = Path(sys.executable).parent
 WORDS = ("the quick brown fox jumps over lazy dog red cat sees a small big old happy what is "
          "two plus four question answer translate le chat rouge voit un chien café naïve "
@@ -181,7 +183,8 @@ def main() -> None:
         write_section(f"preprocess-{args.tokenizer}" if not args.rss_only else "preprocess-rss",
                       f"Command: `.venv/bin/python bench/preprocess_scale.py "
                       f"{' '.join(sys.argv[1:])}` ({os.cpu_count()} CPUs, "
-                      f"load average {os.getloadavg()[0]:.1f} at the end)\n\n{table}")
+                      f"load average {os.getloadavg()[0]:.1f} at the end)\n\n{table}",
+                      doc="data-at-scale.md")
     if tmp is not None:
         tmp.cleanup()
 
@@ -203,20 +206,6 @@ def report(results, tools) -> str:
                 f"{cpu / base:.2f}x | "
                 f"{f'{same[1]:,} / {same[2]:,} of {same[0]:,}' if same else '-'} |")
     return "\n".join(lines)
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace the ``<!-- bench:NAME -->`` section of docs/data-at-scale.md."""
-    path = ROOT / "docs" / "data-at-scale.md"
-    text = path.read_text() if path.exists() else "# Data at scale\n"
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

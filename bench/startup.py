@@ -55,9 +55,9 @@ def main() -> None:
                       "Target: `fmtune --help` below 0.25 of `import torch`.\n\n" + table)
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace the `<!-- bench:NAME -->` section of docs/benchmarks.md."""
-    path = ROOT / "docs" / "benchmarks.md"
+def write_section(name: str, body: str, doc: str = "benchmarks.md") -> None:
+    """Replace the `<!-- bench:NAME -->` section of docs/DOC (the bench scripts share this)."""
+    path = ROOT / "docs" / doc
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{body}\n{end}"
@@ -67,7 +67,6 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + f"\n\n## {name}\n\n{block}\n"
     path.write_text(text)
-
 
 if __name__ == "__main__":
     main()

@@ -105,9 +105,9 @@ ANSWER = {"role": "assistant", "content": "hello"}
     ([{"messages": [USER]}], ["--chat"], "{data}:1: field 'messages': the last turn must be "
      "the assistant's answer to score against, got role 'user'"),
     ([{"messages": [USER, {"role": "assistant"}]}], ["--chat"],
-     "{data}:1: field 'messages' turn 2: 'content' missing"),
+     "{data}:1: field 'messages' message 2: 'content' must be a string (missing)"),
     ([{"messages": "hi"}], ["--chat"],
-     "{data}:1: field 'messages' must be a non-empty list of turns, got str"),
+     "{data}:1: field 'messages' must be a non-empty list of messages, got str"),
     ([{"messages": [ANSWER]}], ["--chat"],
      "{data}:1: field 'messages': no turn before the assistant's answer"),
     ([{"messages": [USER, {"role": "assistant", "content": "(unclosed"}]}],

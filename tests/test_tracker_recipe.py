@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fmtune.testing import doc_blocks, doc_module, run_cli, write_jsonl
+from fmtune.testing import doc_blocks, doc_module, logged_series, run_cli, write_jsonl
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 SECTION = "## Writing a tracker"
@@ -54,11 +54,6 @@ def rows(folder, run_id, name):
     return [s for s, _ in found], [v for _, v in found]
 
 
-def jsonl_series(out, name):
-    with open(out / "training_logs.jsonl") as f:
-        data = [json.loads(line)["data"] for line in f if json.loads(line)["name"] == name]
-    return [d["step"] for d in data], [d["value"] for d in data]
-
 
 def test_the_pyproject_declares_the_plugin_and_its_selector():
     (toml,) = blocks("toml")
@@ -79,7 +74,7 @@ def test_the_recipe_tracks_resumes_and_never_stops_training(fmtune_tiny_model, t
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["csv_run_id"] == state["run_id"] and summary["csv_folder"] == str(folder)
     assert summary["trackers"] == {"csv": {"status": "ok"}}
-    assert rows(folder, state["run_id"], "loss") == jsonl_series(out, "training_loss")
+    assert rows(folder, state["run_id"], "loss") == logged_series(out, "training_loss")
     assert rows(folder, state["run_id"], "loss")[0] == [1, 2, 3, 4]
     assert rows(folder, state["run_id"], "learning_rate")[0] == [1, 2, 3, 4]
 
@@ -105,7 +100,7 @@ def test_the_recipe_tracks_resumes_and_never_stops_training(fmtune_tiny_model, t
     assert summary["trackers"] == {"csv": {"status": "failed", "error": "OSError: disk full",
                                            "at_step": 2}}
     assert "tracker csv failed at step 2: OSError: disk full; disabled" in res.stderr
-    assert summary["global_step"] == 4 and jsonl_series(out2, "training_loss")[0] == [1, 2, 3, 4]
+    assert summary["global_step"] == 4 and logged_series(out2, "training_loss")[0] == [1, 2, 3, 4]
 
 
 def test_a_bad_folder_is_one_line_before_anything_loads(tmp_path, csv_plugin):

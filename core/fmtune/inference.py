@@ -240,7 +240,7 @@ def chat_examples(records: list[dict], path: str | None = None,
     """``(turns before the answer, the answer)`` of each chat record; a record without the
     field, with turns that are not role/content mappings, or whose last turn is not the
     assistant's is a one-line :class:`ConfigError` naming the file, line and field."""
-    from .records import record_where
+    from .records import chat_messages, record_where
 
     out = []
     for i, rec in enumerate(records):
@@ -248,25 +248,13 @@ def chat_examples(records: list[dict], path: str | None = None,
         if field not in rec:
             hint = " (an input/output record: leave out --chat)" if "input" in rec else ""
             raise ConfigError(f"{where}: missing field {field!r}{hint}")
-        turns = rec[field]
-        if not isinstance(turns, list) or not turns:
-            raise ConfigError(f"{where}: field {field!r} must be a non-empty list of turns, "
-                              f"got {type(turns).__name__ if turns != [] else 'an empty list'}")
-        for n, turn in enumerate(turns, 1):
-            if not isinstance(turn, dict):
-                raise ConfigError(f"{where}: field {field!r} turn {n}: expected a mapping with "
-                                  f"role and content, got {type(turn).__name__}")
-            for key in ("role", "content"):
-                if not isinstance(turn.get(key), str):
-                    what = "missing" if key not in turn else f"not a string " \
-                        f"({type(turn[key]).__name__})"
-                    raise ConfigError(f"{where}: field {field!r} turn {n}: {key!r} {what}")
+        turns = chat_messages(rec[field], where, field)
         if turns[-1]["role"] != "assistant":
             raise ConfigError(f"{where}: field {field!r}: the last turn must be the assistant's "
                               f"answer to score against, got role {turns[-1]['role']!r}")
         if len(turns) < 2:
             raise ConfigError(f"{where}: field {field!r}: no turn before the assistant's answer")
-        out.append(([dict(t) for t in turns[:-1]], turns[-1]["content"]))
+        out.append((turns[:-1], turns[-1]["content"]))
     return out
 
 

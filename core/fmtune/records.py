@@ -41,8 +41,8 @@ from .truncation import char_budget, cut
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["IGNORE", "Counts", "DataError", "char_budget", "chat_template_markers", "chat_template_names", "cut",
-           "folder_problem", "join", "missing_eval_data", "read_json_object", "read_records",
+__all__ = ["IGNORE", "Counts", "DataError", "char_budget", "chat_messages",
+           "chat_template_markers", "chat_template_names", "cut", "folder_problem", "join", "missing_eval_data", "read_json_object", "read_records",
            "record_where", "resolve_chat_template", "restart_jsonl", "template_error",
            "write_json"]
 
@@ -110,6 +110,28 @@ def record_where(path: str, rec: dict, index: int) -> str:
     """Where a record is, for error messages: ``path:line`` (JSONL) or ``path: record N``."""
     line = rec.get("__line__")
     return f"{path}:{line}" if line else f"{path}: record {index + 1}"
+
+
+def chat_messages(value: Any, where: str, field: str) -> list[dict]:
+    """A record's list of chat messages checked: a non-empty list of objects whose ``role`` and
+    ``content`` are strings (copies returned); anything else is a one-line :class:`DataError`
+    naming ``where`` (see :func:`record_where`), the field and the message number."""
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if value == [] else type(value).__name__
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages, "
+                        f"got {got}")
+    out = []
+    for k, msg in enumerate(value, 1):
+        if not isinstance(msg, dict):
+            raise DataError(f"{where}: field {field!r} message {k}: expected an object with "
+                            f"role and content, got {type(msg).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(msg.get(key), str):
+                got = "missing" if key not in msg else f"a {type(msg[key]).__name__}"
+                raise DataError(f"{where}: field {field!r} message {k}: {key!r} must be a "
+                                f"string ({got})")
+        out.append(dict(msg))
+    return out
 
 
 def _field(path: str, rec: dict, index: int, name: str) -> str:

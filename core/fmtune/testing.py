@@ -85,6 +85,17 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> str:
     return str(path)
 
 
+def logged_series(output_dir: str | os.PathLike, name: str,
+                  fields: tuple[str, ...] = ("step", "value")) -> tuple[list, ...]:
+    """One series a run wrote to ``training_logs.jsonl`` (``name`` e.g. ``training_loss``,
+    ``validation_loss``): a list per field, in the file's order, e.g. ``(steps, values)``;
+    ``fields=("step", "value", "epoch")`` adds the epochs. What a tracker's own store must
+    equal."""
+    with open(os.path.join(output_dir, "training_logs.jsonl"), encoding="utf-8") as f:
+        rows = [row["data"] for row in map(json.loads, f) if row["name"] == name]
+    return tuple([r[field] for r in rows] for field in fields)
+
+
 @dataclass
 class CliResult:
     exit_code: int
@@ -183,12 +194,13 @@ def wrapped_model(model_dir: str, output_dir: str | os.PathLike, *extra: str):
     from .cli import load_config
     from .pipeline import validate
 
-    data = os.path.join(tempfile.mkdtemp(prefix="fmtune-wrapped-"), "x.jsonl")
-    write_jsonl(data, DEMO_RECORDS[:1])  # validation checks the path exists; never read here
-    config, pm, _, _ = load_config(["--model_name_or_path", str(model_dir),
-                                    "--training_data_path", data,
-                                    "--output_dir", str(output_dir), *extra])
-    validate(config, pm)
+    with tempfile.TemporaryDirectory(prefix="fmtune-wrapped-") as tmp:
+        # validation checks that the data path exists; nothing here reads it
+        data = write_jsonl(os.path.join(tmp, "x.jsonl"), DEMO_RECORDS[:1])
+        config, pm, _, _ = load_config(["--model_name_or_path", str(model_dir),
+                                        "--training_data_path", data,
+                                        "--output_dir", str(output_dir), *extra])
+        validate(config, pm)
     tok = pm.hook.load_tokenizer(config=config)
     model = pm.hook.load_model(config=config, tokenizer=tok)
     return pm.hook.wrap_peft(model=model, config=config, tokenizer=tok)

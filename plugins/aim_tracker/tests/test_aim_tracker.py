@@ -14,29 +14,17 @@ from importlib import metadata
 
 import pytest
 
-from fmtune.testing import AtStep, NotRankZero, run_cli, write_jsonl, writes_despite_read_only
+from fmtune.testing import (DEMO_RECORDS, AtStep, logged_series, NotRankZero, run_cli, train_argv,
+                           write_jsonl, writes_despite_read_only)
 
-RECORDS = [
-    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
-    {"input": "question: what is two plus two? answer:", "output": "four"},
-    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
-    {"input": "hello there", "output": "hi, how can I help?"},
-]
+EPOCHS = ("step", "value", "epoch")
+RECORDS = [DEMO_RECORDS[i] for i in (0, 1, 2, 5)]  # 4 records: 2 steps an epoch at batch 2
 
 
 def train_args(model, tmp_path, out, *extra):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
-    return ["train", "--plugins", "aim", "--model_name_or_path", model,
-            "--training_data_path", data, "--output_dir", str(out),
-            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--save_strategy", "no", *extra]
-
-
-def jsonl_series(out, name):
-    """(steps, values, epochs) of one series of training_logs.jsonl."""
-    with open(os.path.join(out, "training_logs.jsonl")) as f:
-        rows = [json.loads(line)["data"] for line in f if json.loads(line)["name"] == name]
-    return [r["step"] for r in rows], [r["value"] for r in rows], [r["epoch"] for r in rows]
+    return train_argv(model, data, out, "--plugins", "aim", "--per_device_train_batch_size", "2",
+                      "--learning_rate", "1e-3", *extra)
 
 
 def aim_series(aim_run, name, subset):
@@ -72,12 +60,12 @@ def test_params_and_metrics_read_back_with_aim_sdk(fmtune_tiny_model, tmp_path):
     assert aim_run["fmtune"]["version"] == metadata.version("fmtune")
 
     # train and eval loss: one point per logged step, values equal to training_logs.jsonl
-    steps, train_losses, epochs = jsonl_series(out, "training_loss")
+    steps, train_losses, epochs = logged_series(out, "training_loss", EPOCHS)
     assert steps == [1, 2, 3, 4, 5, 6]
     a_steps, a_values, a_epochs = aim_series(aim_run, "loss", "train")
     assert a_steps == steps and a_values == train_losses
     assert a_epochs == pytest.approx(epochs, abs=1e-4)  # the jsonl rounds epochs to 4 places
-    eval_steps, eval_losses, _ = jsonl_series(out, "validation_loss")
+    eval_steps, eval_losses, _ = logged_series(out, "validation_loss", EPOCHS)
     assert eval_steps == [3, 6]
     assert aim_series(aim_run, "loss", "eval")[:2] == (eval_steps, eval_losses)
     # the trainer's other numbers: same steps, and the learning rate equals its own history
@@ -126,7 +114,7 @@ def test_resumed_run_continues_the_same_aim_run(fmtune_tiny_model, tmp_path):
     assert json.loads((out / "aim_tracker.json").read_text())["run_hash"] == first
     repo = Repo(str(repo_dir))
     assert [r.hash for r in repo.iter_runs()] == [first]  # no second aim run
-    steps, values, _ = jsonl_series(out, "training_loss")
+    steps, values, _ = logged_series(out, "training_loss", EPOCHS)
     assert steps == [1, 2, 3, 4, 5, 6]
     # more points, redone steps replaced, and still equal to training_logs.jsonl
     assert aim_series(repo.get_run(first), "loss", "train")[:2] == (steps, values)
@@ -254,7 +242,7 @@ def test_remote_server_receives_the_run(fmtune_tiny_model, tmp_path, aim_server)
     RepoIndexManager(repo).index(state["run_hash"])
     aim_run = repo.get_run(state["run_hash"])
     assert aim_run["hparams"]["aim_remote_server_port"] == port
-    steps, values, _ = jsonl_series(out, "training_loss")
+    steps, values, _ = logged_series(out, "training_loss", EPOCHS)
     assert aim_series(aim_run, "loss", "train")[:2] == (steps, values) and steps == [1, 2, 3]
 
 
@@ -277,7 +265,7 @@ def test_failed_training_closes_the_aim_run_with_the_error(fmtune_tiny_model, tm
     aim_run = Repo(str(repo_dir)).get_run(state["run_hash"])
     assert aim_run["run_error"] == "RuntimeError: diverged at step 2"
     # the step-2 hook raised before step 2 was logged: aim holds what the log file holds
-    steps, values, _ = jsonl_series(out, "training_loss")
+    steps, values, _ = logged_series(out, "training_loss", EPOCHS)
     assert aim_series(aim_run, "loss", "train")[:2] == (steps, values) and steps == [1]
 
 
@@ -325,7 +313,7 @@ def test_a_repository_lost_mid_run_does_not_stop_training(fmtune_tiny_model, tmp
     assert res.stderr.count("tracker aim") == 1
     assert (f"tracker aim failed at step 2: {reason}; disabled for the rest of the run; the "
             "losses are in training_logs.jsonl") in res.stderr
-    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]  # nothing lost
+    assert logged_series(out, "training_loss", EPOCHS)[0] == [1, 2, 3, 4, 5, 6]  # nothing lost
     assert summary_of(out)["global_step"] == 6 and (out / "model.safetensors").exists()
 
 
@@ -346,7 +334,7 @@ def test_a_hung_aim_call_costs_about_the_timeout(fmtune_tiny_model, tmp_path, mo
     begin = time.monotonic()
     try:
         res = run_cli(train_args(fmtune_tiny_model, tmp_path, out, "--max_steps", "6",
-                                 "--aim_repo", str(repo_dir), "--aim_timeout_s", "2"))
+                                 "--aim_repo", str(repo_dir), "--aim_timeout_s", "10"))
         took = time.monotonic() - begin
     finally:
         gate.set()
@@ -355,9 +343,11 @@ def test_a_hung_aim_call_costs_about_the_timeout(fmtune_tiny_model, tmp_path, mo
     status = summary_of(out)["trackers"]["aim"]
     assert status["status"] == "failed" and status["at_step"] == 2
     # found hung by a later call, or at the end when the training was done sooner
-    assert status["error"].startswith("track gave no answer in 2 s")
+    # (10 s, not less: the timeout bounds every aim call, and opening the repository takes
+    # more than 2 s on a loaded 2-core machine)
+    assert status["error"].startswith("track gave no answer in 10 s")
     assert f"tracker aim failed at step 2: {status['error']};" in res.stderr
-    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
+    assert logged_series(out, "training_loss", EPOCHS)[0] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_healthy_run_reports_aim_ok(fmtune_tiny_model, tmp_path):
@@ -383,7 +373,7 @@ def test_a_remote_server_gone_mid_run_does_not_stop_training(fmtune_tiny_model, 
     status = summary_of(out)["trackers"]["aim"]
     assert status["status"] == "failed" and 2 <= status["at_step"] <= 6, status
     assert f"tracker aim failed at step {status['at_step']}: {status['error']};" in res.stderr
-    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
+    assert logged_series(out, "training_loss", EPOCHS)[0] == [1, 2, 3, 4, 5, 6]
 
 
 def test_an_aim_run_that_cannot_open_in_time_stops_before_training(fmtune_tiny_model,

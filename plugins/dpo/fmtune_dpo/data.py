@@ -28,27 +28,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fmtune.records import Counts, DataError, read_records, record_where
+from fmtune.records import Counts, DataError, chat_messages, read_records, record_where
 
 log = logging.getLogger("fmtune")
 FIELDS = ("prompt", "chosen", "rejected")
-
-
-def _messages(value: list, where: str, name: str) -> list[dict[str, str]]:
-    out = []
-    for k, msg in enumerate(value, 1):
-        if not isinstance(msg, dict):
-            raise DataError(f"{where}: field {name!r} message {k}: expected an object with role "
-                            f"and content, got {type(msg).__name__}")
-        for key in ("role", "content"):
-            if not isinstance(msg.get(key), str):
-                got = "missing" if key not in msg else f"a {type(msg[key]).__name__}"
-                raise DataError(f"{where}: field {name!r} message {k}: {key!r} must be a string "
-                                f"({got})")
-        out.append(dict(msg))
-    if not out:
-        raise DataError(f"{where}: field {name!r} is an empty list of messages")
-    return out
 
 
 def parse_record(path: str, rec: dict, index: int) -> tuple[bool, dict[str, Any]]:
@@ -64,7 +47,7 @@ def parse_record(path: str, rec: dict, index: int) -> tuple[bool, dict[str, Any]
         if isinstance(value, dict):  # a single message
             value = [value]
         if isinstance(value, list):
-            values[name] = _messages(value, where, name)
+            values[name] = chat_messages(value, where, name)
         elif isinstance(value, str):
             values[name] = value
         else:

@@ -10,14 +10,10 @@ from importlib import metadata
 import pytest
 
 from fmtune import hookimpl
-from fmtune.testing import AtStep, NotRankZero, run_cli, write_jsonl, writes_despite_read_only
+from fmtune.testing import (DEMO_RECORDS, AtStep, logged_series, NotRankZero, run_cli, train_argv,
+                           write_jsonl, writes_despite_read_only)
 
-RECORDS = [
-    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
-    {"input": "question: what is two plus two? answer:", "output": "four"},
-    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
-    {"input": "hello there", "output": "hi, how can I help?"},
-]
+RECORDS = [DEMO_RECORDS[i] for i in (0, 1, 2, 5)]  # 4 records: 2 steps an epoch at batch 2
 
 
 @pytest.fixture(autouse=True)
@@ -29,17 +25,8 @@ def clean_mlflow_env(monkeypatch):
 
 def train_args(model, tmp_path, out, *extra):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
-    return ["train", "--plugins", "mlflow", "--model_name_or_path", model,
-            "--training_data_path", data, "--output_dir", str(out),
-            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--save_strategy", "no", *extra]
-
-
-def jsonl_series(out, name):
-    """(steps, values) of one series of training_logs.jsonl."""
-    with open(os.path.join(out, "training_logs.jsonl")) as f:
-        rows = [json.loads(line)["data"] for line in f if json.loads(line)["name"] == name]
-    return [r["step"] for r in rows], [r["value"] for r in rows]
+    return train_argv(model, data, out, "--plugins", "mlflow", "--per_device_train_batch_size", "2",
+                      "--learning_rate", "1e-3", *extra)
 
 
 def history(client, run_id, key):
@@ -75,10 +62,10 @@ def test_params_and_metrics_read_back_from_a_file_store(fmtune_tiny_model, tmp_p
     assert run.data.tags["fmtune.output_dir"] == str(out)
 
     # train and eval loss: one point per logged step, values equal to training_logs.jsonl
-    steps, train_losses = jsonl_series(out, "training_loss")
+    steps, train_losses = logged_series(out, "training_loss")
     assert steps == [1, 2, 3, 4, 5, 6]
     assert history(client, run.info.run_id, "loss") == (steps, train_losses)
-    eval_steps, eval_losses = jsonl_series(out, "validation_loss")
+    eval_steps, eval_losses = logged_series(out, "validation_loss")
     assert eval_steps == [3, 6]
     assert history(client, run.info.run_id, "eval_loss") == (eval_steps, eval_losses)
     for key in ("learning_rate", "grad_norm", "train_tokens_per_second", "epoch",
@@ -121,7 +108,7 @@ def test_resumed_run_continues_the_same_mlflow_run(fmtune_tiny_model, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["fmtune.resumed_from"] == str(out / "checkpoint-4")
     assert run.data.params["max_steps"] == "4"  # MLflow params keep their first value
-    steps, train_losses = jsonl_series(out, "training_loss")
+    steps, train_losses = logged_series(out, "training_loss")
     assert steps == [1, 2, 3, 4, 5, 6]
     assert history(client, first, "loss") == (steps, train_losses)
 
@@ -340,7 +327,7 @@ def test_a_tracking_server_serves_a_run(fmtune_tiny_model, tmp_path, tracking_se
     assert summary["trackers"] == {"mlflow": {"status": "ok"}}
     client = MlflowClient(tracking_uri=tracking_server.store_uri)  # what the server stored
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
-    assert history(client, summary["mlflow_run_id"], "loss") == jsonl_series(out, "training_loss")
+    assert history(client, summary["mlflow_run_id"], "loss") == logged_series(out, "training_loss")
 
 
 def test_a_tracking_server_that_dies_mid_run_does_not_stop_training(fmtune_tiny_model, tmp_path,
@@ -358,7 +345,7 @@ def test_a_tracking_server_that_dies_mid_run_does_not_stop_training(fmtune_tiny_
                                       "failed"), status
     assert f"tracker mlflow failed at step 2: {status['error']};" in res.stderr
     assert res.stderr.count("tracker mlflow") == 1
-    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]  # nothing lost
+    assert logged_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]  # nothing lost
     assert summary_of(out)["global_step"] == 6
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # 30 s / 4
@@ -398,7 +385,7 @@ def test_a_file_store_lost_mid_run_does_not_stop_training(fmtune_tiny_model, tmp
     status = summary_of(out)["trackers"]["mlflow"]
     assert status["status"] == "failed" and status["at_step"] == 2, status
     assert f"tracker mlflow failed at step 2: {status['error']};" in res.stderr
-    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
+    assert logged_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
     assert (out / "model.safetensors").exists()
 
 
@@ -430,7 +417,7 @@ def test_a_hung_mlflow_call_costs_about_the_timeout(fmtune_tiny_model, tmp_path,
     status = summary_of(out)["trackers"]["mlflow"]
     assert status["status"] == "failed" and status["at_step"] == 2, status
     assert status["error"].startswith("log_metrics gave no answer in 2 s"), status
-    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
+    assert logged_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_bad_timeout_is_refused(tmp_path):

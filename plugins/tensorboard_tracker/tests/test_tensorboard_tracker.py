@@ -4,34 +4,20 @@ TensorBoard's own reader (EventAccumulator)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 
-from fmtune.testing import AtStep, NotRankZero, run_cli, write_jsonl
+from fmtune.testing import (DEMO_RECORDS, AtStep, logged_series, NotRankZero, run_cli, train_argv,
+                           write_jsonl)
 
-RECORDS = [
-    {"input": "translate: the red cat sees a dog =", "output": "le chat rouge voit un chien"},
-    {"input": "question: what is two plus two? answer:", "output": "four"},
-    {"input": "The quick brown fox", "output": "jumps over the lazy dog."},
-    {"input": "hello there", "output": "hi, how can I help?"},
-]
+RECORDS = [DEMO_RECORDS[i] for i in (0, 1, 2, 5)]  # 4 records: 2 steps an epoch at batch 2
 
 
 def train_args(model, tmp_path, out, *extra):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
-    return ["train", "--trackers", "tensorboard", "--model_name_or_path", model,
-            "--training_data_path", data, "--output_dir", str(out),
-            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--save_strategy", "no", *extra]
-
-
-def jsonl_series(out, name):
-    """(steps, values) of one series of training_logs.jsonl."""
-    with open(os.path.join(out, "training_logs.jsonl")) as f:
-        rows = [json.loads(line)["data"] for line in f if json.loads(line)["name"] == name]
-    return [r["step"] for r in rows], [r["value"] for r in rows]
+    return train_argv(model, data, out, "--trackers", "tensorboard",
+                      "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", *extra)
 
 
 def events(folder):
@@ -84,10 +70,10 @@ def test_scalars_read_back_with_tensorboards_reader(fmtune_tiny_model, tmp_path)
     assert summary["trackers"] == {"tensorboard": {"status": "ok"}}
 
     acc = events(folder)
-    steps, losses = jsonl_series(out, "training_loss")
+    steps, losses = logged_series(out, "training_loss")
     assert steps == [1, 2, 3, 4, 5, 6]
     assert series(acc, "train/loss") == (steps, losses)  # exactly: stored as doubles
-    assert series(acc, "eval/loss") == jsonl_series(out, "validation_loss")
+    assert series(acc, "eval/loss") == logged_series(out, "validation_loss")
     assert series(acc, "eval/loss")[0] == [3, 6]
     lr_steps, lrs = series(acc, "train/learning_rate")
     assert lr_steps == steps and lrs == pytest.approx([1e-3 * (6 - s) / 6 for s in range(6)])
@@ -117,7 +103,7 @@ def test_a_resumed_run_continues_the_same_tensorboard_run(fmtune_tiny_model, tmp
     assert state_of(out)["run"] == first
     assert [p.name for p in (logs / "exp1").iterdir()] == [first.split("/")[1]]  # one run
     assert len(list((logs / first).glob("events.out.tfevents.*"))) == 2  # one per process
-    steps, losses = jsonl_series(out, "training_loss")
+    steps, losses = logged_series(out, "training_loss")
     assert steps == [1, 2, 3, 4, 5, 6]
     # the steps go on from the checkpoint; the redone steps replace their first values
     assert series(events(logs / first), "train/loss") == (steps, losses)
@@ -175,7 +161,7 @@ def test_a_log_dir_lost_mid_run_does_not_stop_training(fmtune_tiny_model, tmp_pa
     assert res.stderr.count("tracker tensorboard") == 1
     assert (f"tracker tensorboard failed at step 2: {reason}; disabled for the rest of the run; "
             "the losses are in training_logs.jsonl") in res.stderr
-    assert jsonl_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]  # nothing lost
+    assert logged_series(out, "training_loss")[0] == [1, 2, 3, 4, 5, 6]  # nothing lost
     assert summary_of(out)["global_step"] == 6 and (out / "model.safetensors").exists()
 
 
@@ -218,4 +204,4 @@ def test_failed_training_writes_the_error(fmtune_tiny_model, tmp_path):
                 plugins=[Exploder()])
     acc = events(out / "runs" / state_of(out)["run"])
     assert text(acc, "run_error") == ["RuntimeError: diverged at step 2"]
-    assert series(acc, "train/loss") == jsonl_series(out, "training_loss")
+    assert series(acc, "train/loss") == logged_series(out, "training_loss")
