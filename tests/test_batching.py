@@ -86,6 +86,19 @@ def test_cli_errors_exit_2(fmtune_tiny_model, tmp_path, monkeypatch):
          "gradient_accumulation_steps 2 x 1 process = 4"),
         (["--max_per_device_train_batch_size", "4"],
          "max_per_device_train_batch_size needs total_train_batch_size"),
+        # auto picks the per-device batch: an explicit one contradicts it
+        (["--max_per_device_train_batch_size", "auto", "--per_device_train_batch_size", "4"],
+         "max_per_device_train_batch_size auto picks per_device_train_batch_size; remove "
+         "per_device_train_batch_size 4 (or give a number as the cap)"),
+        (["--max_per_device_train_batch_size", "auto", "--total_train_batch_size", "8",
+          "--gradient_accumulation_steps", "3"],
+         "total_train_batch_size 8 is not divisible by gradient_accumulation_steps 3 x 1 process"),
+        (["--max_per_device_train_batch_size", "lots"],
+         "max_per_device_train_batch_size must be an integer or auto, got 'lots'"),
+        (["--auto_batch_max_memory", "2"],
+         "auto_batch_max_memory needs max_per_device_train_batch_size auto"),
+        (["--max_per_device_train_batch_size", "auto", "--auto_batch_max_memory", "0"],
+         "auto_batch_max_memory must be a number of GB > 0, got 0"),
     ]
     for extra, message in cases:
         res = run_cli(_train_args(fmtune_tiny_model, data, out, *extra))

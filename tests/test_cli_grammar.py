@@ -119,10 +119,16 @@ def test_fms_acceleration_flags_are_refused_with_what_to_use(tmp_path):
     from fmtune.testing import run_cli
 
     res = run_cli(["train", *BASE[:2], "--output_dir", str(tmp_path / "o"),
-                   "--training_data_path", "d.jsonl", "--multipack", "16"])
+                   "--training_data_path", "d.jsonl", "--fast_kernels", "True", "True", "True"])
     assert res.exit_code == 2
-    assert ("multipack: fms-acceleration's multipack is not part of fmtune; --packing true packs "
-            "examples into max_seq_length rows") in res.stderr
+    assert ("fast_kernels: fms-acceleration's fast_kernels is not part of fmtune; use "
+            "--use_liger_kernel") in res.stderr
+    # multipack is served (data_handlers, with --padding_free, as fms-hf-tuning needs it)
+    res = run_cli(["train", *BASE[:2], "--output_dir", str(tmp_path / "o"),
+                   "--training_data_path", "d.jsonl", "--multipack", "16"])
+    assert res.exit_code == 2 and (
+        "--multipack needs --padding_free (as in fms-hf-tuning): a multipack batch is given to "
+        "the model as one row without padding") in res.stderr, res.stderr
 
 
 def test_embedding_size_multiple_of(fmtune_tiny_model, tmp_path):

@@ -93,6 +93,26 @@ class Everything:
                                callbacks=callbacks)
 
     @hookimpl
+    def train_batch_sampler(self, config, dataset, batch_size, world_size, rank):
+        seen = self.seen
+        seen["train_batch_sampler"] = (len(dataset), batch_size, world_size, rank)
+
+        class FromTheEnd:  # this rank's batches, the last rows first: [[3, 2], [1, 0]]
+            def __len__(self):
+                return len(dataset) // batch_size
+
+            def __iter__(self):
+                order = list(range(len(dataset)))[::-1]
+                for i in range(0, len(order), batch_size):
+                    seen.setdefault("batches", []).append(order[i:i + batch_size])
+                    yield order[i:i + batch_size]
+
+            def set_epoch(self, epoch):
+                seen.setdefault("sampler_epochs", []).append(epoch)
+
+        return FromTheEnd()
+
+    @hookimpl
     def save(self, model, tokenizer, output_dir, config, trainer):
         os.makedirs(output_dir, exist_ok=True)
         model.save_pretrained(output_dir)
@@ -155,6 +175,11 @@ def test_every_hook_takes_effect(fmtune_tiny_model, tmp_path):
     assert seen["add_hookspecs"] is True
     assert seen["validate_config"] == 4 and seen["train_rows"] == 4
     assert seen["save"] == "ContractTrainer"
+    # the plugin's batch sampler fed the trainer (4 rows, batch 2, one process)
+    assert seen["train_batch_sampler"] == (4, 2, 1, 0)
+    assert seen["batches"][:3] == [[3, 2], [1, 0], [3, 2]], seen
+    # set_epoch before each epoch (accelerate's loader calls it again as it starts iterating)
+    assert sorted(set(seen["sampler_epochs"])) == [0, 1], seen
     assert seen["on_train_begin"] == 0 and seen["on_step"] == [1, 2, 3]
     # 4 rows, batch 2: epochs end at steps 2 and 4; max_steps=3 stops inside the second
     assert seen["on_epoch_begin"] == [0, 2] and seen["on_epoch_end"] == [2, 3]

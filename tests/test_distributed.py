@@ -169,7 +169,8 @@ def test_bad_launch_options_fail_before_anything_runs(fmtune_tiny_model, data, t
          f"fmtune: error: accelerate_config {bad}: not a valid accelerate config: "),
         (["--accelerate_config", FSDP_YAML],
          f"fmtune: error: accelerate_config {FSDP_YAML}: distributed_type FSDP needs GPUs and "
-         "this machine has none (--num_processes N alone runs DDP on CPU)"),
+         "this machine has none (--num_processes N alone runs DDP on CPU); FSDP2 "
+         "(fsdp_version: 2) runs on CPU"),
     ]
     for extra, message in cases:
         res = run_cli(train_args(fmtune_tiny_model, data, tmp_path / "out", 2, *extra))
@@ -179,18 +180,84 @@ def test_bad_launch_options_fail_before_anything_runs(fmtune_tiny_model, data, t
     assert not (tmp_path / "out").exists()
 
 
-def test_fsdp_under_a_launcher_on_cpu_is_a_one_line_error(fmtune_tiny_model, data, tmp_path,
-                                                          monkeypatch):
-    """What `accelerate launch --config_file fsdp.yaml` gives each process, on a CPU machine."""
+def test_fsdp1_under_a_launcher_on_cpu_is_a_one_line_error(fmtune_tiny_model, data, tmp_path,
+                                                           monkeypatch):
+    """What `accelerate launch --config_file fsdp.yaml` (FSDP1) gives each process, on a CPU
+    machine: torch's FSDP1 refuses a CPU device ("Inconsistent compute device and `device_id`
+    on rank 0: cpu vs cpu:0"), so fmtune refuses it first, in one line."""
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     res = run_cli(train_args(fmtune_tiny_model, data, tmp_path / "out", 2))
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines() == [
-        "fmtune: error: FSDP needs GPUs and this machine has none (accelerate_config / "
-        "accelerate launch --config_file with distributed_type FSDP); without it the same "
-        "command runs DDP on CPU"]
+        "fmtune: error: FSDP needs GPUs and this machine has none for FSDP1 (accelerate_config / "
+        "accelerate launch --config_file with distributed_type FSDP, fsdp_version 1: torch's "
+        "FSDP1 refuses a CPU device); fsdp_version: 2 runs on CPU over gloo, and without FSDP "
+        "the same command runs DDP on CPU"]
+    assert not (tmp_path / "out").exists()
+
+
+FSDP2_CPU_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_sync_module_states: false
+"""
+
+
+def test_fsdp2_on_cpu_sharded_checkpoint_resumes_on_another_process_count(fmtune_tiny_model,
+                                                                         data, tmp_path):
+    """FSDP2 over gloo: 2 processes train 2 steps and write a SHARDED_STATE_DICT checkpoint
+    (torch.distributed.checkpoint shards, one per rank); 1 process resumes it to step 4. The
+    final weights equal a 1-process run of 4 steps with the same global batch of 4 (same
+    tolerance as the DDP comparison above), and the final model is one full checkpoint that
+    from_pretrained loads."""
+    from transformers import AutoModelForCausalLM
+
+    acc = tmp_path / "fsdp2-cpu.yaml"
+    acc.write_text(FSDP2_CPU_YAML)
+    common = ("--total_train_batch_size", "4", "--lr_scheduler_type", "constant", "--seed", "0",
+              "--use_cpu", "true")
+    two, resumed, one = tmp_path / "two", tmp_path / "resumed", tmp_path / "one"
+    first = train_args(fmtune_tiny_model, data, two, 2, *common, "--accelerate_config", str(acc))
+    first[first.index("--max_steps") + 1] = "2"
+    first[first.index("--save_strategy") + 1] = "steps"
+    proc = run([sys.executable, "-m", "fmtune.cli", *first, "--save_steps", "2"], tmp_path)
+    assert "FSDP2 on CPU (gloo)" in proc.stderr
+    ckpt = two / "checkpoint-2"
+    assert sorted(os.listdir(ckpt / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp",
+                                                                 "__1_0.distcp"]
+    assert not (ckpt / "model.safetensors").exists()  # sharded: no full copy in the checkpoint
+    assert summary(two)["world_size"] == 2
+
+    proc = run([sys.executable, "-m", "fmtune.cli",
+                *train_args(fmtune_tiny_model, data, resumed, 4, *common, "--accelerate_config",
+                            str(acc), "--num_processes", "1", "--resume_from_checkpoint",
+                            str(ckpt))], tmp_path)
+    assert f"resuming from {ckpt}" in proc.stderr
+    s = summary(resumed)
+    assert (s["world_size"], s["global_step"], s["resumed_from"]) == (1, 4, str(ckpt))
+    res = run_cli(train_args(fmtune_tiny_model, data, one, 4, *common[2:]))
+    assert res.exit_code == 0, res.stderr
+    assert [v for _, v in losses(resumed)] == pytest.approx([v for _, v in losses(one)][2:],
+                                                            rel=1e-5)
+    w1, wr = load_file(one / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert w1.keys() == wr.keys()
+    base = load_file(os.path.join(fmtune_tiny_model, "model.safetensors"))
+    assert max((w1[k] - base[k]).abs().max().item() for k in w1) > 1e-3  # it did train
+    for name in w1:
+        torch.testing.assert_close(wr[name], w1[name], rtol=0, atol=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(resumed)  # a full, ordinary checkpoint
+    assert {k for k in model.state_dict()} >= set(w1)
 
 
 def _accelerate_args(cmd):
@@ -303,3 +370,33 @@ def test_fsdp_yaml_through_accelerate_and_the_wrap_policy(monkeypatch):
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaMLP")
     assert prepare_fsdp(model) is None
     assert os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaMLP"
+
+
+def test_a_sharded_checkpoint_is_complete_only_with_its_dcp_metadata(tmp_path):
+    """FSDP SHARDED_STATE_DICT checkpoints hold torch.distributed.checkpoint folders, no
+    weights file: complete (resumable) when every folder has its shards and the .metadata
+    DCP writes last; one cut short while saving is skipped with the reason."""
+    from fmtune.pipeline import checkpoint_problem, newest_complete_checkpoint
+
+    def checkpoint(step, metadata=(True, True)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for name, meta in zip(("pytorch_model_fsdp_0", "optimizer_0"), metadata):
+            (folder / name).mkdir()
+            (folder / name / "__0_0.distcp").write_bytes(b"x")
+            (folder / name / "__1_0.distcp").write_bytes(b"x")
+            if meta:
+                (folder / name / ".metadata").write_bytes(b"meta")
+        return folder
+
+    assert checkpoint_problem(checkpoint(2)) is None
+    assert checkpoint_problem(checkpoint(4, (True, False))) == \
+        "optimizer_0/.metadata missing (cut short while saving)"
+    assert checkpoint_problem(checkpoint(6, (False, True))) == \
+        "pytorch_model_fsdp_0/.metadata missing (cut short while saving)"
+    assert newest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    empty = tmp_path / "checkpoint-8"
+    empty.mkdir()
+    (empty / "trainer_state.json").write_text(json.dumps({"global_step": 8}))
+    assert checkpoint_problem(empty) == "no model weights"

@@ -753,13 +753,23 @@ def test_fsdp_configs_parse_and_wrap_the_decoder_layer(fmtune_tiny_model, monkey
         assert plugin.sharding_strategy.name == "FULL_SHARD"
 
 
-def test_fsdp2_env_on_a_cpu_machine_is_refused_before_loading(monkeypatch):
+def test_fsdp2_env_on_a_cpu_machine_runs_on_cpu_and_fsdp1_is_refused(monkeypatch):
+    """FSDP2 runs on CPU over gloo (docs/distributed.md; the real run is in
+    tests/test_distributed.py); FSDP1 is refused before loading."""
+    import os
+
     from fmtune.config import ConfigError
     from fmtune.distributed import setup_process
 
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")  # restored after the test
     for k, v in {**_launch_env(FSDP2_YAML), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(ConfigError, match="FSDP needs GPUs"):
+    setup_process()
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
+    for k, v in {**_launch_env(FSDP_YAML), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(ConfigError, match="FSDP needs GPUs and this machine has none for FSDP1"):
         setup_process()
 
 

@@ -311,7 +311,7 @@ case(G, "dc-missing-data", "a data path that does not exist",
      "nope.jsonl: no such file")
 case(G, "dc-odm", "dataprocessor type odm",
      lambda w: data_config(w, "dataprocessor:\n  type: odm\ndatasets:\n" + dataset("a")),
-     "dataprocessor.type: only type: default is supported")
+     "dataprocessor.odm: required with type: odm")
 case(G, "dc-duplicate-key", "a key written twice",
      lambda w: data_config(w, "datasets:\n" + dataset("a") + "datasets: []\n"),
      "invalid YAML: duplicate key 'datasets'")

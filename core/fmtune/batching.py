@@ -5,7 +5,13 @@ fmtune picks the per-device batch and the gradient accumulation so that
 (as the Silogen finetuning engine does): the largest per-device batch that is at
 most ``max_per_device_train_batch_size`` and divides ``T / world_size``. A
 combination that cannot give ``T`` exactly is an error, never a silent change
-of the effective batch. No torch here.
+of the effective batch.
+
+``max_per_device_train_batch_size auto``: the cap is the largest per-device batch that
+``fmtune plan`` predicts fits the device's memory (:func:`apply_auto`, after the data is
+prepared and before the model loads: the plan needs the data's sequence lengths and builds
+the model on the meta device); without ``total_train_batch_size`` that batch is the
+per-device batch, with the configured accumulation. No torch here.
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ def _explicit(config: Any, name: str) -> int | None:
 def plan_for(config: Any, world_size: int) -> BatchPlan | None:
     """The plan for a config's ``total_train_batch_size`` (None when it is not set)."""
     total = config.get("total_train_batch_size")
-    if total is None:
+    if total is None or is_auto(config):  # auto: decided by apply_auto, before the model loads
         return None
     max_per_device = config.get("max_per_device_train_batch_size")
     if max_per_device is None:  # the per-device batch option's value is the cap
@@ -112,6 +118,10 @@ def problems(config: Any) -> list[str]:
     once, before any launch, not by every launched process."""
     from .distributed import expected_world_size
 
+    if config.get("auto_batch_max_memory") is not None and not is_auto(config):
+        return ["auto_batch_max_memory needs max_per_device_train_batch_size auto"]
+    if is_auto(config):
+        return auto_problems(config, expected_world_size(config))
     if config.get("total_train_batch_size") is None:
         if config.get("max_per_device_train_batch_size") is not None:
             return ["max_per_device_train_batch_size needs total_train_batch_size"]
@@ -136,3 +146,79 @@ def apply(config: Any, args: Any) -> BatchPlan | None:
     if args.process_index == 0:
         log.info("total_train_batch_size %d: %s", plan.total, plan.describe())
     return plan
+
+
+# ---------------------------------------------------------- max_per_device_train_batch_size auto
+
+
+def is_auto(config: Any) -> bool:
+    return config.get("max_per_device_train_batch_size") == "auto"
+
+
+def auto_problems(config: Any, world_size: int) -> list[str]:
+    """What can be said about ``auto`` before the memory is known: it picks the per-device
+    batch, so an explicit one contradicts it; the total must split over the processes."""
+    explicit = _explicit(config, "per_device_train_batch_size")
+    if explicit is not None:
+        return [f"max_per_device_train_batch_size auto picks per_device_train_batch_size; "
+                f"remove per_device_train_batch_size {explicit} (or give a number as the cap)"]
+    total = config.get("total_train_batch_size")
+    accum = _explicit(config, "gradient_accumulation_steps")
+    if total is None or (accum is not None and accum < 1):
+        return []
+    try:
+        plan_batch(total, max(1, total // max(world_size, 1)), world_size, grad_accum=accum)
+    except BatchError as e:
+        return [str(e)]
+    return []
+
+
+def plan_auto(config: Any, world_size: int, fits: int, budget: str) -> BatchPlan:
+    """The batch for ``auto`` once the largest per-device batch that fits (``fits``, >= 1) is
+    known; ``budget`` says which memory (for the errors)."""
+    total = config.get("total_train_batch_size")
+    accum = _explicit(config, "gradient_accumulation_steps")
+    if total is None:
+        return BatchPlan(fits, accum or int(config.get("gradient_accumulation_steps") or 1),
+                         world_size)
+    try:
+        return plan_batch(total, fits, world_size, grad_accum=accum)
+    except BatchError as e:
+        raise BatchError(f"max_per_device_train_batch_size auto: {e} (the largest that fits "
+                         f"{budget})") from None
+
+
+def apply_auto(run: Any, args: Any, train_dataset: Any) -> BatchPlan | None:
+    """``max_per_device_train_batch_size auto``: set ``args``' per-device batch and
+    accumulation from the largest batch that fits (:func:`fmtune.plan.fit_batch`), log why in
+    one line and keep it for run_summary.json (``run.batch_choice``). Called after the data is
+    prepared and before the model loads; a memory too small for one example is a
+    :class:`BatchError` (exit 2) with nothing loaded or written."""
+    config = run.config
+    if not is_auto(config):
+        return None
+    from .plan import fit_batch
+
+    fit = fit_batch(config, run.pm, run.tokenizer, train_dataset, args)
+    if fit["largest_batch"] < 1:
+        raise BatchError(f"max_per_device_train_batch_size auto: not even 1 example per device "
+                         f"fits {fit['budget']} (predicted peak at batch 1: "
+                         f"{fit['peak_at_1_mb']:.0f} MB); lower max_seq_length, use LoRA/QLoRA "
+                         f"or gradient_checkpointing, or give more memory")
+    plan = plan_auto(config, args.world_size, fit["largest_batch"], fit["budget"])
+    args.per_device_train_batch_size = plan.per_device
+    args.gradient_accumulation_steps = plan.grad_accum
+    peak = fit["peak_at_1_mb"] + (plan.per_device - 1) * fit["per_example_mb"]
+    fit.update(per_device_train_batch_size=plan.per_device,
+               gradient_accumulation_steps=plan.grad_accum, predicted_peak_mb=round(peak, 1))
+    run.batch_choice = fit
+    if args.process_index == 0:
+        total = config.get("total_train_batch_size")
+        log.info("max_per_device_train_batch_size auto: at most %d per device%s fit%s %s; "
+                 "using %d (predicted peak %.0f MB)%s: %s", fit["largest_batch"],
+                 " (every example of a process)" if fit.get("capped_by_examples") else "",
+                 "s" if fit["largest_batch"] == 1 else "", fit["budget"], plan.per_device,
+                 peak, f", total_train_batch_size {total}" if total is not None else "",
+                 plan.describe())
+    return plan
+

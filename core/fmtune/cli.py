@@ -201,7 +201,7 @@ def train_help(registry: OptionRegistry, names: list[str]) -> str:
         lines.append(f"{plugin.removeprefix('default:')} options:" if not plugin.startswith(
             "default:") else f"core options ({plugin.removeprefix('default:')}):")
         for opt in opts:
-            flag = f"  --{opt.name} {opt.type.__name__.upper()}"
+            flag = f"  --{opt.name} {'|'.join([opt.type.__name__.upper(), *opt.words])}"
             extra = f" [default: {opt.default}]" if opt.default not in (None, "") else ""
             choices = f" {{{', '.join(map(str, opt.choices))}}}" if opt.choices else ""
             alias = f" (alias: {', '.join('--' + a for a in opt.aliases)})" if opt.aliases else ""

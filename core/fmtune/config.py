@@ -42,11 +42,14 @@ class Option:
     cli_unescape: bool = False
     weak: bool = False
     true_words: tuple[str, ...] = ()  # more spellings of "true" (padding_free huggingface)
+    words: tuple[str, ...] = ()  # words accepted besides the type (an int option's "auto")
 
     def convert(self, value: Any, where: str) -> Any:
         """Convert a YAML value or CLI string to this option's type."""
         if value is None:
             return None
+        if self.words and isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
         t = self.type
         out: Any
         try:
@@ -93,6 +96,11 @@ class Option:
         return out
 
     def type_name(self) -> str:
+        if self.words:
+            return " or ".join([self._type_name(), *self.words])
+        return self._type_name()
+
+    def _type_name(self) -> str:
         return {bool: "true/false", list: "a list (space- or comma-separated on the CLI)",
                 dict: "a mapping (JSON on the CLI)", int: "an integer",
                 float: "a number", str: "a string"}[self.type]
@@ -132,7 +140,8 @@ class OptionRegistry:
         def register(name: str, type: type | str = str, default: Any = None, help: str = "",
                      choices: Iterable | None = None, aliases: Iterable[str] = (),
                      shared: bool = False, cli_unescape: bool = False,
-                     weak: bool = False, true_words: Iterable[str] = ()) -> None:
+                     weak: bool = False, true_words: Iterable[str] = (),
+                     words: Iterable[str] = ()) -> None:
             """``shared=True``: plugins that all declare the option shared (with the same type)
             get one option, the first registration's; otherwise a second owner is an error.
             ``cli_unescape=True``: ``\\n``/``\\t`` typed on the command line become the
@@ -157,7 +166,8 @@ class OptionRegistry:
                     )
             self.options[name] = Option(name, t, default, help, plugin,
                                         tuple(choices) if choices else None, tuple(aliases),
-                                        shared, cli_unescape, weak, tuple(true_words))
+                                        shared, cli_unescape, weak, tuple(true_words),
+                                        tuple(words))
             for a in aliases:
                 self.aliases[a] = name
         return register

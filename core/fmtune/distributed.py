@@ -8,7 +8,9 @@ The engine is accelerate (and torch.distributed under it); fmtune adds only:
   options only have to agree with it (:func:`check_launcher`);
 * on a machine without a GPU, a multi-process run trains on CPU with DDP over gloo
   (:func:`setup_process`: accelerate's own torchrun launcher leaves that to the script);
-  FSDP needs GPUs, and asking for it on CPU is a one-line error before anything loads;
+  FSDP2 (``fsdp_version: 2``, torch's ``fully_shard``) runs there too, over gloo
+  (:func:`allow_fsdp2_on_cpu`: accelerate itself turns FSDP on only for GPU-type devices);
+  FSDP1 on CPU is a one-line error before anything loads;
 * FSDP with ``TRANSFORMER_BASED_WRAP`` and no ``fsdp_transformer_layer_cls_to_wrap``
   wraps the model's decoder layer class, read from its ``_no_split_modules``
   (:func:`prepare_fsdp`), and the final save gathers a full state dict
@@ -19,6 +21,7 @@ Importing this module does not import torch or accelerate.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -103,9 +106,11 @@ def launch_command(config, argv: list[str]) -> tuple[list[str], dict[str, str]]:
         machines = int(getattr(acc, "num_machines", 1) or 1)
         cmd += ["--config_file", path]
         kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
-        if kind in GPU_ONLY_TYPES and not _has_accelerator():
+        if kind in GPU_ONLY_TYPES and not _has_accelerator() and not _fsdp2(kind, acc):
             raise ConfigError(f"accelerate_config {path}: distributed_type {kind} needs GPUs and "
-                              "this machine has none (--num_processes N alone runs DDP on CPU)")
+                              "this machine has none (--num_processes N alone runs DDP on CPU)"
+                              + ("; FSDP2 (fsdp_version: 2) runs on CPU" if kind == "FSDP"
+                                 else ""))
         total = n or int(getattr(acc, "num_processes", 1) or 1)
         if kind in SINGLE_PROCESS_TYPES and (total > 1 or machines > 1):
             cmd.append("--multi_gpu")  # accelerate's torchrun launcher, on CPU too
@@ -155,11 +160,60 @@ def setup_process() -> None:
     if not under_launcher() or _has_accelerator():
         return
     if fsdp_enabled():
-        raise ConfigError("FSDP needs GPUs and this machine has none (accelerate_config / "
-                          "accelerate launch --config_file with distributed_type FSDP); "
-                          "without it the same command runs DDP on CPU")
+        if os.environ.get("FSDP_VERSION", "1").strip() != "2":
+            raise ConfigError(FSDP1_ON_CPU)
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        allow_fsdp2_on_cpu()
+        return
     if launcher_world_size() > 1 and not os.environ.get("ACCELERATE_USE_CPU"):
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+FSDP1_ON_CPU = ("FSDP needs GPUs and this machine has none for FSDP1 (accelerate_config / "
+                "accelerate launch --config_file with distributed_type FSDP, fsdp_version 1: "
+                "torch's FSDP1 refuses a CPU device); fsdp_version: 2 runs on CPU over gloo, "
+                "and without FSDP the same command runs DDP on CPU")
+
+
+def _fsdp2(kind: str, acc: Any) -> bool:
+    """An accelerate config for FSDP2 (``fsdp_config.fsdp_version: 2``): it runs on CPU."""
+    fsdp_config = getattr(acc, "fsdp_config", None) or {}
+    return kind == "FSDP" and str(fsdp_config.get("fsdp_version", 1)).strip() == "2"
+
+
+def allow_fsdp2_on_cpu() -> None:
+    """Let accelerate run FSDP2 on CPU processes (gloo).
+
+    accelerate turns its state into ``DistributedType.FSDP`` only for GPU-type process groups
+    (MULTI_GPU, MULTI_XPU, ...); on CPU (MULTI_CPU) it keeps the FSDP plugin's settings but
+    trains plain DDP, and its sharded checkpoints and the full-state-dict final save take the
+    DDP paths. torch's ``fully_shard`` itself runs on CPU tensors over gloo (training, DCP
+    sharded checkpoints that reshard on load, the gathered full state dict), so after
+    accelerate has set up its state, a MULTI_CPU state with an FSDP2 plugin becomes FSDP, as
+    accelerate does on GPUs (its PartialState included: every later AcceleratorState copies
+    the distributed type from it). Only under ``ACCELERATE_USE_FSDP=true`` with
+    ``fsdp_version`` 2; idempotent."""
+    from accelerate import state as acc_state
+    from accelerate.utils import DistributedType
+
+    cls = acc_state.AcceleratorState
+    if getattr(cls.__init__, "_fmtune_fsdp2_on_cpu", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if (plugin is not None and getattr(plugin, "fsdp_version", 1) == 2 and fsdp_enabled()
+                and self.distributed_type == DistributedType.MULTI_CPU):
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            acc_state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            log.info("FSDP2 on CPU (gloo)")
+
+    __init__._fmtune_fsdp2_on_cpu = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
 
 
 def is_main_process() -> bool:
@@ -214,3 +268,30 @@ def full_state_dict_for_final_save(trainer: Any) -> bool:
         return False
     trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     return True
+
+
+def sharded_checkpoint_problem(folder: str, state: dict) -> str | None:
+    """Why a ``checkpoint-N`` without a model weights file is not a complete FSDP sharded
+    checkpoint (``fsdp_state_dict_type: SHARDED_STATE_DICT``: accelerate's
+    ``pytorch_model_fsdp_0/`` and ``optimizer_0/``, torch.distributed.checkpoint folders of
+    ``*.distcp`` shards), or None when it is one. DCP writes the folder's ``.metadata`` after
+    every rank's shard: a folder without it was cut short. Such a checkpoint reshards on
+    load, so a run may resume on another number of processes."""
+    model_dirs = sorted(d for d in os.listdir(folder) if d.startswith("pytorch_model_fsdp_")
+                        and os.path.isdir(os.path.join(folder, d)))
+    if not model_dirs:
+        return "no model weights"
+    dirs = model_dirs
+    if not state.get("save_only_model", False):
+        optim = sorted(d for d in os.listdir(folder) if d.startswith("optimizer_")
+                       and os.path.isdir(os.path.join(folder, d)))
+        dirs += optim
+    for d in dirs:
+        path = os.path.join(folder, d)
+        meta = os.path.join(path, ".metadata")
+        if not os.path.isfile(meta) or os.path.getsize(meta) == 0:
+            return f"{d}/.metadata missing (cut short while saving)"
+        if not any(f.endswith(".distcp") for f in os.listdir(path)):
+            return f"{d} holds no shard"
+    return None
+

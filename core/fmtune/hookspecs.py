@@ -34,7 +34,7 @@ The objects passed around:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypedDict
 
 import pluggy
 
@@ -175,6 +175,23 @@ def build_trainer(
 
     ``training_args`` is the ``TrainingArguments`` the core built from the
     config; ``callbacks`` must be passed on, they drive the ``on_*`` hooks.
+    """
+
+
+@hookspec(firstresult=True)
+def train_batch_sampler(config: Config, dataset: Dataset, batch_size: int, world_size: int,
+                        rank: int) -> Iterable[list[int]] | None:
+    """Return the batch sampler of the training dataloader, or ``None`` (the trainer's own).
+
+    Called when training starts, on every process, with the trainer's ``train_dataset`` (a
+    dataset with a length; never for a stream), its per-device ``batch_size``, the number of
+    data-parallel processes and this process's ``rank``. The answer is an iterable of lists of
+    indices into ``dataset`` with a ``__len__`` (a ``torch.utils.data.BatchSampler``-like
+    object): *this rank's* batches, in order, the same number on every rank. The core builds
+    the ``DataLoader`` with it (the collator, workers and pinning of the trainer's own) and
+    lets accelerate prepare it without sharding it again; ``set_epoch(epoch)``, if the
+    sampler has it, is called before every epoch, also when a run resumes mid-epoch (the
+    batches already trained are then skipped).
     """
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from . import __version__, distributed, runlock
+from . import __version__, batching, distributed, runlock
 from .config import Config, ConfigError
 from .files import write_json
 from .hookspecs import CONTROL_FLAGS
@@ -50,6 +50,8 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     # firstresult hook -> {"answered_by": plugin, "wrappers": [plugins]} (run_summary.json)
     answered: dict[str, dict] = field(default_factory=dict)
+    # max_per_device_train_batch_size auto: what fitted and why (run_summary.json auto_batch)
+    batch_choice: dict[str, Any] | None = None
 
 
 def validate(config: Config, pm: pluggy.PluginManager) -> None:
@@ -299,8 +301,8 @@ def checkpoint_problem(folder: str, marks_expected: bool = False) -> str | None:
     if state is None or not isinstance(state.get("global_step"), int):
         return "trainer_state.json missing or unreadable"
     weights = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
-    if not weights:
-        return "no model weights"
+    if not weights:  # FSDP SHARDED_STATE_DICT: torch.distributed.checkpoint folders
+        return distributed.sharded_checkpoint_problem(folder, state)
     for name in weights:
         path = os.path.join(folder, name)
         if name.endswith(".safetensors"):
@@ -445,6 +447,8 @@ def _train(config: Config, pm: pluggy.PluginManager, record: dict[str, Any],
     train_ds, eval_ds = load_data(run)
     if config.get("do_dataprocessing_only"):
         return dump_datasets(config, train_ds, eval_ds, run.is_main_process)
+    # max_per_device_train_batch_size auto: the batch that fits, planned before the model loads
+    batching.apply_auto(run, args, train_ds)
     load_model(run)
     build_trainer(run, args, train_ds, eval_ds)
     begin_output(run, record, rerun)
@@ -504,6 +508,85 @@ def build_trainer(run: Run, args: Any, train_ds: Any, eval_ds: Any) -> None:
     run.is_main_process = run.trainer.is_world_process_zero()
     run.state = run.trainer.state
     count_flat_batches(run.trainer)
+    sample_with_plugins(run)
+
+
+def sample_with_plugins(run: Run) -> None:
+    """The trainer's training dataloader asks ``train_batch_sampler`` first (whatever
+    trainer ``build_trainer`` returned): a plugin's batch sampler replaces the trainer's
+    sampling; with no answer (or a stream) the trainer builds its dataloader as usual."""
+    trainer = run.trainer
+    own = trainer.get_train_dataloader
+
+    def get_train_dataloader():
+        dataset = trainer.train_dataset
+        import torch
+
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or \
+                not hasattr(dataset, "__len__") or _is_stream(dataset):
+            return own()
+        args = trainer.args
+        sampler = run.pm.hook.train_batch_sampler(
+            config=run.config, dataset=dataset, batch_size=trainer._train_batch_size,
+            world_size=args.world_size, rank=args.process_index)
+        if sampler is None:
+            return own()
+        return batch_sampler_dataloader(trainer, dataset, sampler)
+
+    trainer.get_train_dataloader = get_train_dataloader
+
+
+def _is_stream(dataset: Any) -> bool:
+    try:
+        from datasets import IterableDataset
+    except ImportError:  # pragma: no cover - datasets is a core dependency
+        return False
+    return isinstance(dataset, IterableDataset)
+
+
+def batch_sampler_dataloader(trainer: Any, dataset: Any, sampler: Any) -> Any:
+    """The training ``DataLoader`` over ``sampler`` (this rank's batches), built as
+    transformers' ``Trainer._get_dataloader`` builds its own and prepared by accelerate. The
+    sampler is already per rank, so the ``BatchSamplerShard`` accelerate wraps it in with
+    several processes is made a pass-through (as transformers does for its rank-aware
+    ``BatchRebalanceSampler``) and given the sampler's ``set_epoch``: accelerate's and
+    transformers' ``set_epoch`` calls (also on the skipping loader of a resumed epoch) reach
+    the wrapper, not what it wraps."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+    from transformers.trainer_utils import seed_worker
+
+    args = trainer.args
+    collator = trainer.data_collator
+    try:
+        import datasets
+
+        plain = isinstance(dataset, datasets.Dataset)
+    except ImportError:  # pragma: no cover
+        plain = False
+    if plain and hasattr(trainer, "_remove_unused_columns"):
+        dataset = trainer._remove_unused_columns(dataset, description="Training")
+    elif hasattr(trainer, "_get_collator_with_removed_columns"):
+        collator = trainer._get_collator_with_removed_columns(collator, description="Training")
+    params: dict[str, Any] = dict(
+        batch_sampler=sampler, collate_fn=collator, num_workers=args.dataloader_num_workers,
+        pin_memory=args.dataloader_pin_memory,
+        worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers,
+                               rank=args.process_index))
+    if args.dataloader_num_workers > 0:
+        params.update(persistent_workers=args.dataloader_persistent_workers,
+                      prefetch_factor=args.dataloader_prefetch_factor,
+                      multiprocessing_context=args.dataloader_multiprocessing_context)
+    loader = trainer.accelerator.prepare(DataLoader(dataset, **params))
+    shard: Any = getattr(loader, "batch_sampler", None)
+    if shard is not None and shard is not sampler and getattr(shard, "batch_sampler", None) \
+            is sampler:
+        shard.num_processes, shard.process_index = 1, 0
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if set_epoch is not None:
+            setattr(shard, "set_epoch", set_epoch)
+    return loader
 
 
 def count_flat_batches(trainer: Any) -> None:
@@ -645,6 +728,7 @@ def batch_summary(run: Run, args: Any) -> dict[str, Any]:
         "total_train_batch_size": (run.world_size * args.per_device_train_batch_size
                                    * args.gradient_accumulation_steps),
         "device": str(args.device),
+        **({"auto_batch": run.batch_choice} if run.batch_choice else {}),
     }
 
 

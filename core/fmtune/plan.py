@@ -515,6 +515,157 @@ def largest_batch(make_plan, max_bytes: int, limit: int = 1 << 16) -> int:
     return int(min(limit, (max_bytes - fixed) // per_sample))
 
 
+# ------------------------------------------- max_per_device_train_batch_size auto
+
+GPU_HEADROOM = (0.90, 1 * GiB)  # fraction of the device's memory, less the CUDA context's room
+CPU_HEADROOM = 0.85             # fraction of the RAM available to the process
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+        return int(text) if text.isdigit() else None  # "max": no limit
+    except (OSError, ValueError):
+        return None
+
+
+def available_ram() -> tuple[int, str]:
+    """Bytes of RAM this machine (or its container) can still give: MemAvailable of
+    /proc/meminfo (psutil where there is none), less where the cgroup's memory limit is
+    nearer (Kubernetes, Docker: meminfo shows the host's)."""
+    avail, source = None, ""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail, source = int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            import psutil
+
+            avail, source = int(psutil.virtual_memory().available), "psutil"
+        except ImportError:
+            raise ConfigError("max_per_device_train_batch_size auto: cannot read the available "
+                              "RAM here (no /proc/meminfo, no psutil); give "
+                              "auto_batch_max_memory GB") from None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < (1 << 60):
+            if limit - usage < avail:
+                avail, source = max(0, limit - usage), "the cgroup memory limit"
+            break
+    return avail, source
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_budget(device: str, local_processes: int = 1,
+                  max_memory_gb: float | None = None) -> tuple[int, str]:
+    """(bytes, why) one training process may use, for ``max_per_device_train_batch_size auto``:
+    ``max_memory_gb`` (GiB) when given; on a GPU 90 % of its memory less 1 GiB (the plan
+    predicts max_memory_allocated: the CUDA context and the allocator's reserve are not in
+    it); on CPU 85 % of (the RAM available, shared by this machine's processes, + what this
+    process holds already: the plan's CPU prediction is the whole process's peak RSS)."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * GiB), f"auto_batch_max_memory {max_memory_gb:g} GiB"
+    if device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        budget = int(props.total_memory * GPU_HEADROOM[0] - GPU_HEADROOM[1])
+        return budget, (f"{_gb(budget)} of {props.name}'s {_gb(props.total_memory)} "
+                        f"(90% less 1 GiB for the CUDA context)")
+    avail, source = available_ram()
+    share = avail // max(local_processes, 1)
+    rss = _rss_bytes()
+    budget = int((share + rss) * CPU_HEADROOM)
+    shared = f", shared by {local_processes} processes" if local_processes > 1 else ""
+    return budget, (f"{_gb(budget)} of RAM (85% of {_gb(avail)} available ({source}){shared}, "
+                    f"+ this process's {_gb(rss)})")
+
+
+def _min_over_ranks(value: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return min(values)
+
+
+def _from_rank0(value: Any) -> Any:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fit_batch(config, pm, tokenizer, train_dataset, args) -> dict[str, Any]:
+    """The largest per-device batch whose predicted peak fits this device's memory
+    (:func:`memory_budget`), for ``max_per_device_train_batch_size auto``: the plan of
+    ``fmtune plan --max-memory`` with the run's own config, plugins, tokenizer and prepared
+    data (its sequence lengths), on the run's device and processes. Every process takes the
+    smallest budget of all processes, and rank 0's plan (the same for all). At most the
+    examples per process (a bigger batch has nothing to fill it)."""
+    from . import distributed
+
+    device = getattr(getattr(args, "device", None), "type", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"max_per_device_train_batch_size auto: fmtune plan models CPU and "
+                          f"CUDA memory, not {device}; give the cap as a number")
+    world = int(getattr(args, "world_size", 1) or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    budget, why = memory_budget(device, local, config.get("auto_batch_max_memory"))
+    smallest = _min_over_ranks(budget)
+    if smallest < budget:
+        budget, why = smallest, f"{_gb(smallest)} (the smallest of the processes' budgets)"
+    result: dict[str, Any] | None = None
+    if int(getattr(args, "process_index", 0) or 0) == 0:
+        ids = (train_dataset["input_ids"] if "input_ids" in
+               (getattr(train_dataset, "column_names", None) or []) else [])
+        lens = [len(x) for x in ids]
+        baseline, note = 0, "GPU: max_memory_allocated"
+        if device == "cpu":
+            mb, how = cpu_baseline_mb(list(config.plugins))
+            baseline, note = int(mb * MiB), f"CPU process baseline {mb:.0f} MB ({how})"
+        cfg = model_config(config.model_name_or_path, bool(config.get("trust_remote_code")))
+
+        def make(batch):
+            return predict(config, pm, device=device, world_size=world,
+                           fsdp=distributed.fsdp_enabled(), seq_lens=lens, batch=batch,
+                           baseline_bytes=baseline, model_cfg=cfg, tflops=1.0, mfu=0.5,
+                           tokenizer=tokenizer)
+
+        p1, p2 = make(1), make(2)
+        cap = max(1, -(-len(lens) // world)) if lens else 1 << 16
+        best = largest_batch(make, budget, limit=cap)
+        result = {"largest_batch": best, "capped_by_examples": best == cap,
+                  "memory_budget_mb": round(budget / MiB, 1), "budget": why,
+                  "device": device, "seq_len": p1.seq_len, "seq_len_source": p1.seq_len_source,
+                  "peak_at_1_mb": round(p1.peak_bytes / MiB, 1),
+                  "per_example_mb": round((p2.peak_bytes - p1.peak_bytes) / MiB, 3),
+                  "baseline": note, "examples_per_process_cap": cap}
+    return _from_rank0(result)
+
+
 # ------------------------------------------------------------------- probe
 
 
@@ -679,5 +830,5 @@ def cmd_plan(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["Plan", "predict", "largest_batch", "probe", "cmd_plan", "plan_from_argv",
+__all__ = ["Plan", "predict", "largest_batch", "fit_batch", "memory_budget", "probe", "cmd_plan", "plan_from_argv",
            "cpu_baseline_mb", "measure_baseline", "count", "meta_model", "shape_of"]

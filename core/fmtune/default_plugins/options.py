@@ -16,8 +16,6 @@ STRATEGIES = ("no", "steps", "epoch")
 # fms-hf-tuning flags served by its optional fms-acceleration framework (GPU kernels and
 # samplers); fms-hf-tuning refuses them too when that framework is not installed
 FMS_ACCELERATION = {
-    "multipack": "--packing true packs examples into max_seq_length rows and --padding_free "
-                 "true drops padding.",
     "fast_moe": "mixture-of-experts models train with transformers' own expert layers.",
     "fused_lora": "--plugins gptq,lora trains LoRA over GPTQ checkpoints.",
     "fast_kernels": "use --use_liger_kernel (transformers' Liger kernels) where installed.",
@@ -91,7 +89,12 @@ def _core_options(register):
              "gradient_accumulation_steps so that processes x per-device x accumulation equals "
              "it exactly (an impossible combination is an error).")
     register("max_per_device_train_batch_size", int, None, "With total_train_batch_size: the "
-             "largest per-device batch to use (default: per_device_train_batch_size's value).")
+             "largest per-device batch to use (default: per_device_train_batch_size's value). "
+             "auto: the largest that fmtune plan predicts fits this device's memory "
+             "(without total_train_batch_size it is the per-device batch).", words=("auto",))
+    register("auto_batch_max_memory", float, None, "With max_per_device_train_batch_size auto: "
+             "memory per process in GB (GiB) to fit the batch in, instead of the device's "
+             "(GPU: 90% of its memory less 1 GiB; CPU: 85% of the RAM available to it).")
     register("learning_rate", float, 5e-5, "Peak learning rate.")
     register("lr_scheduler_type", str, "linear", "Learning-rate schedule.", choices=SCHEDULERS)
     register("warmup_ratio", float, 0.0, "Fraction of steps spent warming up.")
@@ -242,7 +245,8 @@ NUMBER_RULES = {
     "dataloader_num_workers": (_finite(0), ">= 0"),
     "eval_accumulation_steps": (_finite(1), ">= 1"),
     "per_device_eval_batch_size": (_finite(1), ">= 1"),
-    "max_per_device_train_batch_size": (_finite(1), ">= 1"),
+    "max_per_device_train_batch_size": (_finite(1), ">= 1 or auto"),
+    "auto_batch_max_memory": (lambda v: math.isfinite(v) and v > 0, "a number of GB > 0"),
     "embedding_size_multiple_of": (_finite(1), ">= 1"),
     "tokenizer_vocab_size": (_finite(258), "at least 258 (the 256 byte symbols, eos and pad)"),
 }

@@ -8,6 +8,7 @@ import os
 from fmtune import hookimpl
 from fmtune.config import ConfigError
 from fmtune.records import chat_template_names, missing_eval_data
+from fmtune.stash import StashKey
 
 from . import hookspecs
 
@@ -44,6 +45,11 @@ def add_options(register):
              "position_ids restart per example so no example attends to another "
              "(fms-hf-tuning's `--padding_free huggingface` means true).",
              true_words=("huggingface",))
+    register("multipack", int, None, "Multipack (fms-hf-tuning's `--multipack N`, with "
+             "--padding_free): each step's batch is the examples that fill a token budget of "
+             "per_device_train_batch_size x the mean example length, bins balanced across "
+             "processes; N is the processes fms-hf-tuning computes the lengths with (fmtune "
+             "reads them from Arrow, so it only needs to be positive).")
     register("packing", bool, False, "Pack examples into rows of max_seq_length (no attention "
              "across examples, as with padding_free).")
     register("ept", bool, False, "Extended pre-training: raw text (a 'text' column, "
@@ -86,6 +92,12 @@ def validate_config(config, pm):
             if dc.streaming and (config.max_steps or -1) <= 0:
                 problems.append(f"{config.data_config_path}: dataprocessor.streaming needs "
                                 "max_steps (a stream has no length)")
+            if dc.odm is not None:
+                problems += _odm_problems(config, dc)
+            if dc.streaming and config.multipack is not None:
+                problems.append(f"{config.data_config_path}: dataprocessor.streaming: multipack "
+                                "needs every example's length each epoch, which a stream cannot "
+                                "give; use streaming: false")
             if dc.streaming and config.packing:
                 problems.append(f"{config.data_config_path}: dataprocessor.streaming: packing "
                                 "groups examples by length over the whole dataset, which a "
@@ -110,8 +122,58 @@ def validate_config(config, pm):
             if getattr(config, name, None):
                 problems.append(f"ept trains every token; --{name} (which masks prompts) does "
                                 "not apply")
+    problems += _multipack_problems(config)
     problems.append(missing_eval_data(config, "validation_data_path", "data_config_path"))
     return [p for p in problems if p]
+
+
+def _odm_problems(config, dc) -> list[str]:
+    """dataprocessor.type: odm: what the online mixing stream needs from the run."""
+    where = f"{dc.source}: dataprocessor.type: odm"
+    problems = []
+    if (config.max_steps or -1) <= 0:
+        problems.append(f"{where} needs max_steps (the mixed stream has no length)")
+    for flag in ("packing", "ept"):
+        if config.get(flag):
+            problems.append(f"{where}: --{flag} is not supported with online mixing")
+    if config.multipack is not None:
+        problems.append(f"{where}: --multipack needs a dataset with a length, the mix is a stream")
+    if (config.get("dataloader_num_workers") or 0) > 0:
+        problems.append(f"{where} needs dataloader_num_workers 0 (the mixer's weights are "
+                        "updated in the training process)")
+    world = max(int(os.environ.get("WORLD_SIZE") or 1), int(config.get("num_processes") or 1))
+    if world > 1:
+        problems.append(f"{where}: online mixing runs in one process (got {world})")
+    interval = odm_update_interval(config, dc.odm)
+    logging = config.get("logging_steps")
+    if isinstance(logging, (int, float)) and logging >= 1 and interval % int(logging):
+        problems.append(f"{dc.source}: dataprocessor.odm.update_interval: {interval} is not a "
+                        f"multiple of logging_steps {int(logging)} (the train_loss reward is "
+                        "the logged loss)")
+    return problems
+
+
+def odm_update_interval(config, odm: dict) -> int:
+    """fms-hf-tuning's rule: update_interval, else eval_steps; fmtune then logging_steps."""
+    for value in (odm.get("update_interval"), config.get("eval_steps"),
+                  config.get("logging_steps")):
+        if isinstance(value, (int, float)) and value >= 1:
+            return int(value)
+    return 1
+
+
+def _multipack_problems(config) -> list[str]:
+    if config.multipack is None:
+        return []
+    if config.multipack < 1:
+        return [f"multipack: the number of processes must be positive, got {config.multipack}"]
+    if config.packing:
+        return ["multipack and packing are exclusive: multipack makes batches of whole examples "
+                "(with --padding_free), packing makes rows of them"]
+    if not config.padding_free:
+        return ["--multipack needs --padding_free (as in fms-hf-tuning): a multipack batch is "
+                "given to the model as one row without padding"]
+    return []
 
 
 # fms-hf-tuning's flags that describe how to turn text into tokens
@@ -187,11 +249,130 @@ def prepare_data(config, tokenizer, pm):
         if counts:
             log.info("%s data: %s", split, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     train = prepared.train
-    if config.packing:
+    if prepared.parts is not None:  # dataprocessor.type: odm
+        train = mixing_stream(config, prepared.parts, prepared.odm)
+    elif config.packing:
         from .packing import pack
 
         train = pack(train, config.max_seq_length)
     return train, prepared.validation
+
+
+# ----------------------------------------------------------- online data mixing (odm)
+
+ODM = StashKey["OdmRun"]()
+ODM_LOG = "odm.jsonl"  # a line per mixing update (step, credited dataset, ratios, examples)
+
+
+class OdmRun:
+    """This run's mixing stream, its update interval and the odm.jsonl lines written."""
+
+    def __init__(self, stream, interval: int, dc_source: str) -> None:
+        self.stream, self.interval, self.source = stream, interval, dc_source
+        self.last_trained = 0
+
+
+def mixing_stream(config, parts: dict, odm: dict):
+    """The :class:`~.odm.MixingStream` over each dataset's train split (``parts``), kept on
+    the run's stash for the hooks below."""
+    from .odm import MixingStream
+
+    weights = {name: w for name, w in odm["weights"].items() if w is not None}
+    stream = MixingStream(parts, weights if len(weights) == len(parts) else None,
+                          gamma=odm["gamma"], eta=odm["eta"], seed=odm["seed"],
+                          sampling_interval=odm["sampling_interval"])
+    config.stash[ODM] = OdmRun(stream, odm_update_interval(config, odm), odm["source"])
+    log.info("online data mixing (odm): %s; initial sampling ratios %s; updated from the train "
+             "loss every %d steps", ", ".join(f"{n}: {len(parts[n])} examples" for n in
+                                             stream.names),
+             ", ".join(f"{r:.3f}" for r in stream.mixer.ratios),
+             config.stash[ODM].interval)
+    return stream
+
+
+@hookimpl
+def on_train_begin(run):
+    odm = run.config.stash.get(ODM)
+    if odm is None:
+        return None
+    from fmtune.records import restart_jsonl
+
+    if run.is_main_process:  # a fresh run's odm.jsonl starts empty; a resumed one's is kept
+        restart_jsonl(os.path.join(run.output_dir, ODM_LOG),
+                      int(run.state.global_step) if run.resumed_from else None,
+                      lambda row: row["step"])
+    if not run.resumed_from:
+        return None
+    import json
+
+    from .odm import ODM_STATE
+
+    path = os.path.join(run.resumed_from, ODM_STATE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found: the checkpoint was not saved by an online data "
+                          "mixing run (dataprocessor.type: odm)") from None
+    try:
+        odm.stream.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    odm.last_trained = int(run.state.global_step) * _examples_per_step(run)
+    log.info("odm: %d mixing updates of %s replayed", len(odm.stream.replay), path)
+    return None
+
+
+def _examples_per_step(run) -> int:
+    args = run.trainer.args
+    return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
+
+
+@hookimpl
+def on_log(run, logs):
+    odm = run.config.stash.get(ODM)
+    step = int(run.state.global_step)
+    if odm is None or "loss" not in logs or step % odm.interval:
+        return None
+    trained = step * _examples_per_step(run)
+    stream = odm.stream
+    arm = stream.credit(trained, float(logs["loss"]))
+    if run.is_main_process:
+        import json
+
+        line = {"step": step, "credited": stream.names[arm], "loss": float(logs["loss"]),
+                "sampling_ratios": dict(zip(stream.names, stream.mixer.ratios)),
+                "sampling_weights": dict(zip(stream.names, stream.mixer.weights)),
+                "sampled": stream.sampled(odm.last_trained, trained)}
+        with open(os.path.join(run.output_dir, ODM_LOG), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    odm.last_trained = trained
+    return None
+
+
+@hookimpl
+def on_save(run, checkpoint_dir):
+    odm = run.config.stash.get(ODM)
+    if odm is None or not run.is_main_process or not os.path.isdir(checkpoint_dir):
+        return None
+    from fmtune.records import write_json
+
+    from .odm import ODM_STATE
+
+    write_json(os.path.join(checkpoint_dir, ODM_STATE), odm.stream.state_dict())
+    return None
+
+
+@hookimpl
+def on_train_end(run, summary):
+    odm = run.config.stash.get(ODM)
+    if odm is None:
+        return
+    stream = odm.stream
+    trained = int(run.state.global_step) * _examples_per_step(run)
+    summary["odm"] = {"datasets": stream.names,
+                      "sampling_ratios": dict(zip(stream.names, stream.mixer.ratios)),
+                      "sampled": stream.sampled(0, trained), "updates": len(stream.updates)}
 
 
 def keep_template(tokenizer, used: list[str]) -> None:
@@ -228,6 +409,27 @@ def keep_template(tokenizer, used: list[str]) -> None:
                     "as ordinary text pieces; add them with --add_special_tokens %s", name,
                     ", ".join(missing), "is" if len(missing) == 1 else "are",
                     "it is" if len(missing) == 1 else "they are", " ".join(missing))
+
+
+@hookimpl
+def train_batch_sampler(config, dataset, batch_size, world_size, rank):
+    """``--multipack``: fms-acceleration's multipack batches (:mod:`.multipack`)."""
+    if config.get("multipack") is None:
+        return None
+    import pyarrow.compute as pc
+
+    from .multipack import MultipackBatchSampler, budget
+
+    column = dataset.with_format("arrow")["input_ids"]
+    lengths = pc.list_value_length(column).to_pylist()
+    tokens = budget(lengths, batch_size)
+    sampler = MultipackBatchSampler(lengths, tokens, seed=config.seed, num_replicas=world_size,
+                                    rank=rank)
+    log.info("multipack: batches of up to %d tokens (%d x mean length %.1f) over %d "
+             "process(es): %d steps per epoch, %.1f%% of the budget filled", tokens, batch_size,
+             sum(lengths) / max(1, len(lengths)), world_size, len(sampler),
+             100 * sampler.efficiency())
+    return sampler
 
 
 @hookimpl

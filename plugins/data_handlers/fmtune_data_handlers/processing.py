@@ -80,6 +80,7 @@ class DataConfig:
     stopping: str = "all_exhausted"
     chat_template: str | None = None
     source: str = "flags"
+    odm: dict[str, Any] | None = None  # dataprocessor.type: odm (online data mixing)
 
 
 def _check(value: Any, schema_key: str, where: str, required: tuple[str, ...] = ()) -> dict:
@@ -190,10 +191,12 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
         if key not in ("dataprocessor", "datasets"):
             raise DataError(f"{path}: {key}: unknown key{suggest(str(key), ['dataprocessor', 'datasets'])}")
     proc = _check(raw.get("dataprocessor") or {}, "dataprocessor", f"{path}: dataprocessor")
-    if proc.get("type", "default") != "default" or "odm" in proc:
-        what = "type" if proc.get("type", "default") != "default" else "odm"
-        raise DataError(f"{path}: dataprocessor.{what}: only type: default is supported "
-                        "(fms-hf-tuning's odm, online data mixing, is not part of fmtune)")
+    kind = proc.get("type", "default")
+    if kind not in ("default", "odm"):
+        raise DataError(f"{path}: dataprocessor.type: must be default or odm, got {kind!r}")
+    if "odm" in proc and kind != "odm":
+        raise DataError(f"{path}: dataprocessor.odm: only with type: odm")
+    odm = _odm(proc, path) if kind == "odm" else None
     stopping = proc.get("sampling_stopping_strategy", "all_exhausted")
     if stopping not in STOPPING:
         raise DataError(f"{path}: dataprocessor.sampling_stopping_strategy: must be one of "
@@ -248,8 +251,74 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
     if not any(s.fractions()[0] > 0 for s in specs):
         raise DataError(f"{path}: datasets: no dataset gives a train split")
     _check_sampling(specs, path)
+    if odm is not None:
+        if streaming:
+            raise DataError(f"{path}: dataprocessor.streaming: not supported with type: odm "
+                            "(the mixer draws from datasets with a length)")
+        trained = [s.name for s in specs if s.fractions()[0] > 0]
+        if len(trained) < 2:
+            raise DataError(f"{path}: datasets: type: odm mixes datasets: give two or more with "
+                            "a train split (auto-categorizing one dataset is not supported)")
+        if len(set(trained)) < len(trained):
+            raise DataError(f"{path}: datasets: type: odm: dataset names must differ (they name "
+                            "the mixer's arms)")
     return DataConfig(specs, proc.get("seed", 42), streaming, stopping,
-                      _chat_template(proc, path, base), path)
+                      _chat_template(proc, path, base), path, odm)
+
+
+# fms-hf-tuning's dataprocessor.odm keys (tuning/config/acceleration_configs/odm.py)
+ODM_KEYS = {"update_interval": int, "sampling_interval": int, "reward_type": str,
+            "gamma": float, "eta": float, "resume_from_checkpoint": (bool, str),
+            "auto_categorize_input_column": str, "auto_categorize_num_categories": (int, str),
+            "auto_categorize_model_name": str, "auto_categorize_batch_size": int}
+ODM_REWARDS = ("train_loss",)
+FMS_REWARDS = ("entropy", "entropy3_varent1", "entropy_last_token", "validation_loss", "gradnorm")
+
+
+def _odm(proc: dict, path: str) -> dict:
+    """dataprocessor.odm, checked: ``{update_interval (None: eval_steps, else logging_steps),
+    sampling_interval, reward_type, gamma, eta}``."""
+    where = f"{path}: dataprocessor.odm"
+    odm = proc.get("odm")
+    if odm is None:
+        raise DataError(f"{where}: required with type: odm (update_interval, sampling_interval, "
+                        "reward_type, gamma, eta)")
+    if not isinstance(odm, dict):
+        raise DataError(f"{where}: must be a mapping")
+    for key, value in odm.items():
+        if key not in ODM_KEYS:
+            raise DataError(f"{where}.{key}: unknown key{suggest(str(key), ODM_KEYS)}; allowed: "
+                            f"{', '.join(k for k in ODM_KEYS if not k.startswith('auto_') and k != 'resume_from_checkpoint')}")
+        want = ODM_KEYS[key]
+        ok = isinstance(value, want) if want is not float else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool) and want in (int, float):
+            raise DataError(f"{where}.{key}: must be "
+                            f"{want.__name__ if isinstance(want, type) else want[0].__name__}, "
+                            f"got {value!r}")
+    for key in odm:
+        if key.startswith("auto_categorize"):
+            raise DataError(f"{where}.{key}: auto-categorizing a dataset is not supported; give "
+                            "the categories as datasets")
+    if "resume_from_checkpoint" in odm:
+        raise DataError(f"{where}.resume_from_checkpoint: not a data_config key (fms-hf-tuning "
+                        "sets it from --resume_from_checkpoint); resume with "
+                        "--resume_from_checkpoint")
+    reward = odm.get("reward_type")
+    if reward not in ODM_REWARDS:
+        given = ("not given (fms-hf-tuning's default is entropy)" if reward is None
+                 else f"{reward!r} is not supported")
+        raise DataError(f"{where}.reward_type: {given}; supported: {', '.join(ODM_REWARDS)}")
+    out = {"update_interval": odm.get("update_interval"),
+           "sampling_interval": odm.get("sampling_interval", 1), "reward_type": reward,
+           "gamma": float(odm.get("gamma", 0.1)), "eta": float(odm.get("eta", 0.3))}
+    for key in ("update_interval", "sampling_interval"):
+        if out[key] is not None and out[key] < 1:
+            raise DataError(f"{where}.{key}: must be at least 1, got {out[key]}")
+    if not 0 <= out["gamma"] <= 1:
+        raise DataError(f"{where}.gamma: must be in [0, 1], got {out['gamma']}")
+    if not out["eta"] > 0:
+        raise DataError(f"{where}.eta: must be positive, got {out['eta']}")
+    return out
 
 
 def steps_from_flags(config, columns: list[str]) -> list[Step]:
@@ -307,6 +376,10 @@ class Prepared:
     # the chat templates given to handlers (--chat_template, dataprocessor's, a handler's
     # fn_kwargs), distinct, in order; the tokenizer's own is not listed
     chat_templates: list[str] = field(default_factory=list)
+    # dataprocessor.type: odm: each dataset's train split, by name (``train`` is then their
+    # concatenation, which preprocess writes; training mixes ``parts`` online)
+    parts: dict[str, Any] | None = None
+    odm: dict[str, Any] | None = None  # dataprocessor.odm, with seed, weights and source
 
 
 def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_template, where: str,
@@ -630,7 +703,7 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
     ratios = [spec.sampling for spec, _ in train_parts]
     if len(trains) == 1:
         train = trains[0]
-    elif any(ratios):
+    elif any(ratios) and dc.odm is None:  # odm: the ratios are the mixer's initial weights
         train = interleave_datasets(trains, probabilities=ratios, seed=dc.seed,
                                     stopping_strategy=dc.stopping)
     else:
@@ -651,4 +724,9 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         if c.get("truncated"):
             log.warning("%s data: %d examples truncated to max_seq_length=%d", split,
                         c["truncated"], config.max_seq_length)
-    return Prepared(train, validation, counts, used)
+    parts = odm = None
+    if dc.odm is not None:
+        parts = {spec.name: ds for spec, ds in train_parts}
+        odm = {**dc.odm, "seed": dc.seed, "source": dc.source,
+               "weights": {spec.name: spec.sampling for spec, _ in train_parts}}
+    return Prepared(train, validation, counts, used, parts, odm)

@@ -530,23 +530,40 @@ def test_duplicate_columns_refuses_an_existing_column(tmp_path, chat_tok):
 # ---------------------------------------------------------------- refused
 
 
-@pytest.mark.parametrize("single", [True, False])
-def test_online_data_mixing_is_refused(tmp_path, single):
+ODM_REFUSED = [
+    # fms-hf-tuning's example (tests/artifacts/predefined_data_configs/multiple_datasets_with_odm)
+    ("reward_type: validation_loss", 2, "dataprocessor.odm.reward_type: 'validation_loss' is "
+     "not supported; supported: train_loss"),
+    ("reward_type: entropy", 2, "dataprocessor.odm.reward_type: 'entropy' is not supported; "
+     "supported: train_loss"),
+    ("gamma: 0.1", 2, "dataprocessor.odm.reward_type: not given (fms-hf-tuning's default is "
+     "entropy); supported: train_loss"),
+    ("reward_type: train_loss", 1, "datasets: type: odm mixes datasets: give two or more"),
+    ("{reward_type: train_loss, auto_categorize_input_column: input}", 1,
+     "dataprocessor.odm.auto_categorize_input_column: auto-categorizing a dataset is not "
+     "supported"),
+    ("{reward_type: train_loss, gama: 0.1}", 2, "dataprocessor.odm.gama: unknown key (did you "
+     "mean 'gamma'?)"),
+    ("{reward_type: train_loss, eta: 0}", 2, "dataprocessor.odm.eta: must be positive, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("odm, datasets, needle", ODM_REFUSED)
+def test_online_data_mixing_refusals(tmp_path, odm, datasets, needle):
     sampled_datasets(tmp_path, 2)
-    cfg = write_config(tmp_path, """
+    odm = odm if odm.startswith("{") else "{" + odm + "}"
+    cfg = write_config(tmp_path, f"""
         dataprocessor:
           type: odm
-          sampling_stopping_strategy: first_exhausted
           seed: 66
-          odm: {update_interval: 1, sampling_interval: 1, reward_type: validation_loss,
-                gamma: 0.1, eta: 0.2}
+          odm: {odm}
         datasets:
           - name: dataset_1
-            split: {train: 0.8, validation: 0.2}
+            split: {{train: 0.8, validation: 0.2}}
             data_paths: [d1.jsonl]
-    """ + ("" if single else """
+    """ + ("" if datasets == 1 else """
           - name: dataset_2
             split: {train: 0.8, validation: 0.2}
             data_paths: [d2.jsonl]
     """))
-    refused(tmp_path, cfg, "dataprocessor.type: only type: default is supported")
+    refused(tmp_path, cfg, needle, "--max_steps", "4")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmtune_data_handlers.multipack import MultipackBatchSampler, ffd_bins
+from fmtune_data_handlers.multipack import MultipackBatchSampler, budget, ffd_bins
 
 LENGTHS = [5, 3, 8, 2, 7, 4, 6, 1, 9, 3]
 
@@ -63,5 +63,23 @@ def test_replicas_get_disjoint_balanced_batches():
 def test_ffd_and_too_long_example():
     assert ffd_bins([5, 3, 8, 2], 10, 2) == [[2, 3], [0, 1]]
     assert ffd_bins([9, 9, 9], 10, 2) is None
-    with pytest.raises(ValueError, match="example 2 has 13 tokens"):
-        MultipackBatchSampler([1, 2, 13], 12)
+    assert ffd_bins([3, 13, 2], 12, 2) == [[1], [0, 2]]  # over the budget: a bin alone
+    assert ffd_bins([13, 14], 12, 2) == [[1], [0]]
+    assert ffd_bins([13, 1], 12, 1) is None
+
+
+def test_an_example_over_the_budget_is_a_batch_alone():
+    lengths = [1, 2, 13, 4, 20, 3]
+    for replicas in (1, 2):
+        steps = MultipackBatchSampler(lengths, 12, seed=4, num_replicas=replicas).steps()
+        flat = [i for step in steps for b in step for i in b]
+        assert len(flat) == len(set(flat))
+        assert all(b for step in steps for b in step)
+        for step in steps:
+            for b in step:
+                assert sum(lengths[i] for i in b) <= 12 or len(b) == 1
+        if replicas == 1:
+            assert sorted(flat) == list(range(6))
+            assert [2] in [s[0] for s in steps] and [4] in [s[0] for s in steps]
+    assert budget([5, 3, 8, 2], 4) == 18  # 4 * mean 4.5 (fms-acceleration's rule)
+    assert budget([5, 3, 8], 2) == 10  # 2 * 5.33 -> 10 whole tokens
