@@ -145,3 +145,45 @@ def test_chat_records_activate_the_plugin_that_reads_them(tmp_path):
     assert activated("--training_data_path", io) == []
     # a text field chosen by the user: the core reads the file
     assert activated("--training_data_path", chat, "--dataset_text_field", "x") == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["--plugins", "vision"],
+    ["--dataset_image_field", "images"],  # vision implied: it reads the file
+])
+def test_a_plugin_that_reads_the_data_itself_keeps_a_parquet_file_from_asking_for_another(
+        monkeypatch, tmp_path, argv):
+    """A parquet (or arrow) training file asks for data_handlers, unless an active plugin
+    declares it reads such files itself (entry point group ``fmtune.handles``: vision reads
+    parquet conversations): then data_handlers is neither activated nor required."""
+    import fmtune.plugins as plugins
+    from fmtune.testing import write_jsonl
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "images": []}])
+    data = ["--training_data_path", "train.parquet", "--validation_data_path", "dev.ARROW"]
+    assert activated(*argv, *data) == ["vision"]
+    assert activated(*argv, "--training_data_path", chat) == ["vision"]
+    everything = plugins.installed()
+    monkeypatch.setattr(plugins, "installed", lambda: {
+        n: i for n, i in everything.items() if i.distribution != "fmtune-data-handlers"})
+    assert activated(*argv, *data) == ["vision"]
+    # a plugin that does not read the data itself: the file still asks for data_handlers
+    with pytest.raises(ConfigError) as err:
+        load_config([*BASE, "--plugins", "lora", *data])
+    assert str(err.value) == (
+        "--training_data_path *.parquet needs plugin 'data_handlers', which is not installed: "
+        "pip install fmtune-data-handlers")
+
+
+def test_handles_declarations_name_their_own_plugin():
+    """``fmtune.handles`` entry points name a plugin of their own distribution (a plugin
+    cannot declare what another one handles)."""
+    from fmtune.plugins import HANDLES_GROUP
+
+    names = installed()
+    specs = implications(HANDLES_GROUP)
+    assert ("training_data_path", "*.parquet", "vision") in {
+        (s.option, s.value, s.plugin) for s in specs}
+    assert all(names[s.plugin].distribution == s.distribution for s in specs)

@@ -8,6 +8,11 @@ reloaded weights must equal the saved files and the logits be finite. The outcom
 cell must match tests/models_expected.yaml, and docs/supported-models.md must equal the
 table rendered from these results (regenerate: FMTUNE_WRITE_DOCS=1 .venv/bin/python -m
 pytest tests/test_models.py).
+
+The vision-language models of the vision plugin (LLaVA 1.5, LLaVA-Next, Granite Vision, Llama
+3.2 Vision; tiny models built by fmtune_vision.testing) get a second table: full, LoRA and QLoRA
+runs reloaded, `fmtune merge` of the LoRA adapter (merged logits = the adapter's) and `fmtune
+generate --image` from each output; their expected outcomes are VISION_EXPECTED below.
 """
 
 from __future__ import annotations
@@ -223,6 +228,244 @@ def test_architecture_method(arch, method, workspace):
         assert expected.removeprefix("fails: ") in result["error"], result["error"]
 
 
+# Vision-language models (--plugins vision): fms-hf-tuning's four, built by the vision plugin's
+# testing helpers (label in the doc, fmtune_vision.testing architecture)
+VISION_ARCHS = {
+    "LLaVA 1.5 (`LlavaForConditionalGeneration`)": "llava",
+    "LLaVA-Next (`LlavaNextForConditionalGeneration`)": "llava_next",
+    "Granite 3.2 Vision (`LlavaNextForConditionalGeneration`, SigLIP)": "granite_vision",
+    "Llama 3.2 Vision (`MllamaForConditionalGeneration`)": "mllama",
+}
+VISION_METHODS = {
+    "full": ["--plugins", "vision"],
+    "lora": ["--plugins", "vision,lora"],
+    "qlora": ["--plugins", "vision,qlora"],
+    "merge": None,  # fmtune merge of the LoRA adapter
+    "generate": None,  # fmtune generate --image from the full, LoRA and merged outputs
+}
+# the outcome each cell must have (as tests/models_expected.yaml for the text models)
+VISION_EXPECTED = {arch: dict.fromkeys(VISION_METHODS, "ok") for arch in VISION_ARCHS.values()}
+VISION_CELLS = [(arch, method) for arch in VISION_ARCHS.values() for method in VISION_METHODS]
+
+
+@pytest.fixture(scope="module")
+def vision_workspace(tmp_path_factory):
+    from fmtune_vision.testing import draw_shape, shape_records
+
+    base = tmp_path_factory.mktemp("vision-models")
+    data = write_jsonl(base / "train.jsonl", shape_records(base / "img", 8))
+    image = base / "question.png"
+    draw_shape("blue", "triangle", seed=5).save(image)
+    return base, data, image
+
+
+def vision_inputs(model, processor, image: Path):
+    from fmtune_vision.inference import model_inputs, question
+    from fmtune_vision.testing import QUESTION
+
+    return model_inputs(model, processor, question(QUESTION), [str(image)])
+
+
+def vision_logits(model, processor, image: Path):
+    import torch
+
+    with torch.no_grad():
+        logits = model(**vision_inputs(model, processor, image)).logits
+    assert torch.isfinite(logits).all()
+    return logits
+
+
+def vision_adapter(folder: Path, out: Path, quantized: bool):
+    """The adapter reloaded by peft over its base (4-bit nf4 language model for QLoRA: the
+    vision tower, the projector and the output layer unquantized), its saved tensors checked."""
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    kwargs = {}
+    if quantized:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, BitsAndBytesConfig
+
+        with init_empty_weights():
+            meta = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+        skip = [f"model.{n}" for n, _ in meta.model.named_children()
+                if n != "language_model"] + ["lm_head"]
+        kwargs = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)}
+    model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(folder, **kwargs), out).eval()
+    if quantized:
+        from fmtune_peft_lora.quant import keep_generic_cpu_path
+
+        keep_generic_cpu_path(model)
+    saved = load_file(out / "adapter_model.safetensors")
+    state = get_peft_model_state_dict(model)
+    assert set(saved) == set(state)
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    return model
+
+
+def check_vision(arch: str, method: str, folder: Path, base: Path, image: Path) -> str:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from fmtune_vision.models import part_of
+
+    out = base / f"{arch}-{method}"
+    processor = AutoProcessor.from_pretrained(out if method in ("full", "lora", "qlora")
+                                              else folder)
+    if method == "full":
+        model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+        saved = saved_tensors(out)
+        model.save_pretrained(base / f"{arch}-resaved")
+        again = saved_tensors(base / f"{arch}-resaved")
+        assert set(again) == set(saved)
+        assert all(torch.equal(again[n], t) for n, t in saved.items())
+        vision_logits(model, processor, image)
+        return f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    if method in ("lora", "qlora"):
+        from peft.tuners.lora import LoraLayer
+
+        model = vision_adapter(folder, out, quantized=method == "qlora")
+        vision_logits(model, processor, image)
+        adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        assert adapted and all(part_of(n) == "language_model" for n in adapted)
+        leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in adapted}))
+        if method == "lora":
+            return f"LoRA on the language model's {len(adapted)} linear layers ({leaves})"
+        import bitsandbytes as bnb
+
+        linears = [(n, m) for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".lora_" not in n]
+        four_bit = [n for n, m in linears if isinstance(m, bnb.nn.Linear4bit)]
+        assert four_bit and all(part_of(n) == "language_model" for n in four_bit)
+        return (f"{len(four_bit)} of {len(linears)} linear layers 4-bit (the language model's; "
+                "vision tower, projector and output layer stay float32)")
+    lora = vision_adapter(folder, base / f"{arch}-lora", quantized=False)
+    merged = base / f"{arch}-merge"
+    if method == "merge":
+        res = run_cli(["merge", str(base / f"{arch}-lora"), str(merged)])
+        assert res.exit_code == 0, last_line(res.stderr)
+        model = AutoModelForImageTextToText.from_pretrained(merged).eval()
+        assert not any("lora" in k for k in model.state_dict())
+        processor = AutoProcessor.from_pretrained(merged)
+        torch.testing.assert_close(vision_logits(model, processor, image),
+                                   vision_logits(lora, processor, image), atol=1e-4, rtol=1e-4)
+        return ("`fmtune merge`: reloads with `AutoModelForImageTextToText` + "
+                "`AutoProcessor`, logits equal the adapter's (within 1e-4)")
+    from fmtune_vision.inference import generate, question
+    from fmtune_vision.testing import QUESTION
+
+    models = {"full model": AutoModelForImageTextToText.from_pretrained(base / f"{arch}-full"),
+              "adapter": lora, "merged model": AutoModelForImageTextToText.from_pretrained(merged)}
+    for where, model in zip((f"{arch}-full", f"{arch}-lora", f"{arch}-merge"), models.values()):
+        res = run_cli(["generate", "--model", str(base / where), "--image", str(image),
+                       "--text", QUESTION, "--max_new_tokens", "3"])
+        assert res.exit_code == 0, last_line(res.stderr)
+        assert res.stdout.strip() == generate(model.eval(), processor, [question(QUESTION)],
+                                              [[str(image)]], max_new_tokens=3)[0]
+    return ("`fmtune generate --image`: the full model, the adapter and the merged model "
+            "answer as in Python")
+
+
+def run_vision_cell(arch: str, method: str, vision_workspace, vlm) -> dict:
+    if ("vision", arch, method) in _RESULTS:
+        return _RESULTS[("vision", arch, method)]
+    base, data, image = vision_workspace
+    folder = Path(vlm(arch))
+    needs = {"merge": ["lora"], "generate": ["full", "lora", "merge"]}.get(method, [])
+    failed = [m for m in needs if run_vision_cell(arch, m, vision_workspace, vlm)["outcome"]
+              != "ok"]
+    if failed:
+        result = {"outcome": "fails", "error": f"needs {', '.join(failed)}"}
+    else:
+        res = None
+        if VISION_METHODS[method] is not None:
+            out = base / f"{arch}-{method}"
+            res = run_cli(["train", "--model_name_or_path", str(folder), "--training_data_path",
+                           data, "--output_dir", str(out), "--max_steps", "2",
+                           "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                           "--logging_steps", "1", "--save_strategy", "no",
+                           *VISION_METHODS[method]])
+        if res is not None and res.exit_code != 0:
+            result = {"outcome": "fails", "error": last_line(res.stderr)}
+        else:
+            if res is not None:
+                summary = json.loads((base / f"{arch}-{method}" / "run_summary.json").read_text())
+                assert summary["global_step"] == 2 and math.isfinite(summary["final_loss"])
+            try:
+                result = {"outcome": "ok",
+                          "detail": check_vision(arch, method, folder, base, image)}
+            except Exception as e:  # noqa: BLE001 - a failure is a result, compared below
+                result = {"outcome": "fails", "error": f"{type(e).__name__}: {e}"}
+    _RESULTS[("vision", arch, method)] = result
+    return result
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    from fmtune_vision.testing import build_tiny_vlm
+
+    built = {}
+
+    def get(arch: str) -> str:
+        if arch not in built:
+            built[arch] = build_tiny_vlm(tmp_path_factory.mktemp(arch) / "model", arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch,method", VISION_CELLS, ids=[f"{a}-{m}" for a, m in VISION_CELLS])
+def test_vision_architecture_method(arch, method, vision_workspace, vlm):
+    result = run_vision_cell(arch, method, vision_workspace, vlm)
+    expected = VISION_EXPECTED[arch][method]
+    if expected == "ok":
+        assert result["outcome"] == "ok", result.get("error")
+    else:
+        assert result["outcome"] == "fails" and expected.removeprefix("fails: ") in \
+            result["error"], result
+
+
+def render_vision(results: dict) -> list[str]:
+    def cell(r: dict) -> str:
+        text = f"yes: {r['detail']}" if r["outcome"] == "ok" else f"**no**: {r['error']}"
+        return text.replace("|", "\\|")
+
+    from fmtune_vision.testing import IMAGE_SIZE, TEXT, VISION
+
+    lines = [
+        "",
+        "## Vision-language models (`--plugins vision`)",
+        "",
+        "Each cell is a real run on CPU: a tiny random-init model of the architecture with its "
+        "processor, built by `fmtune_vision.testing.build_tiny_vlm` (vision tower hidden "
+        f"{VISION['hidden_size']}, {VISION['num_hidden_layers']} layers, {IMAGE_SIZE}-px "
+        f"images; language model hidden {TEXT['hidden_size']}, "
+        f"{TEXT['num_hidden_layers']} layers), trained 2 steps by `fmtune train` on 8 "
+        "image + text conversations, then its saved output reloaded (full: "
+        "`AutoModelForImageTextToText` + `AutoProcessor`, saved again to the same tensors; "
+        "LoRA/QLoRA: `peft.PeftModel` over the base, QLoRA over a 4-bit nf4 language model, the "
+        "saved adapter tensors equal) with finite logits on an image. Merge: the LoRA adapter "
+        "merged by `fmtune merge` and reloaded. Generate: `fmtune generate --image FILE --text "
+        "PROMPT` on each output prints what `fmtune_vision.inference.generate` gives in Python. "
+        "docs/vision.md tells the rest (data, masks, what trains).",
+        "",
+        "| model | full fine-tuning | LoRA (`vision,lora`) | QLoRA (`vision,qlora`) | merge "
+        "| generate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, arch in VISION_ARCHS.items():
+        lines.append(f"| {label} | " + " | ".join(cell(results[("vision", arch, m)])
+                                                  for m in VISION_METHODS) + " |")
+    return lines
+
+
 def render(results: dict[tuple[str, str], dict], vocab: int) -> str:
     import peft
     import torch
@@ -266,12 +509,16 @@ def render(results: dict[tuple[str, str], dict], vocab: int) -> str:
             "experts, and bitsandbytes, which quantizes `nn.Linear` only, leaves the experts "
             "unquantized under QLoRA.",
         ]
+    if any(key[0] == "vision" for key in results):
+        lines += render_vision(results)
     lines.append("")
     return "\n".join(lines)
 
 
-def test_supported_models_doc(workspace):
+def test_supported_models_doc(workspace, vision_workspace, vlm):
     results = {cell: run_cell(*cell, workspace) for cell in CELLS}
+    results.update({("vision", *cell): run_vision_cell(*cell, vision_workspace, vlm)
+                    for cell in VISION_CELLS})
     text = render(results, len(workspace[1]))
     if os.environ.get("FMTUNE_WRITE_DOCS") == "1":
         from fmtune.files import write_atomic

@@ -132,14 +132,26 @@ class Implication:
     distribution: str | None
 
 
-def implications() -> list[Implication]:
+def implications(group: str = IMPLIED_GROUP) -> list[Implication]:
     out = []
-    for ep in metadata.entry_points(group=IMPLIED_GROUP):
+    for ep in metadata.entry_points(group=group):
         option, _, value = ep.name.partition(":")
         dist = getattr(ep, "dist", None)
         out.append(Implication(option.strip(), value.strip().lower() or None, ep.value.strip(),
                                dist.metadata["Name"] if dist else None))
     return out
+
+
+HANDLES_GROUP = "fmtune.handles"
+
+
+def _handled(plugins: Collection[str]) -> set[tuple[str, str | None]]:
+    """``(option, value)`` keys that one of ``plugins`` handles itself: entry points
+    ``"OPTION[:VALUE]" = "PLUGIN"`` in the group ``fmtune.handles`` (a plugin that reads the
+    training data itself declares ``"training_data_path:*.parquet"``). While such a plugin is
+    active (chosen, or implied by another option), the same key in ``fmtune.implied_by`` asks
+    for no other plugin, installed or not. Read from metadata: nothing is imported."""
+    return {(s.option, s.value) for s in implications(HANDLES_GROUP) if s.plugin in plugins}
 
 
 def _given(yaml_values: dict, cli_pairs: list, options: set[str]) -> list[tuple[str, list]]:
@@ -233,9 +245,13 @@ def implied(yaml_values: dict, cli_pairs: list, active: list[str],
     # implied as any plugin is
     per_option = Counter((s.distribution, s.option) for s in specs)
     given = _given(yaml_values, cli_pairs, {s.option for s in specs})
-    return [(spec.plugin, reason) for spec, reason in _matches(
+    found = [(spec, reason) for spec, reason in _matches(
         specs, given, lambda s: s.plugin not in active and s.plugin in available
         and not (s.distribution in active_dists and per_option[s.distribution, s.option] > 1))]
+    # what the active plugins and those implied handle themselves asks for no other plugin
+    handled = _handled({*active, *(spec.plugin for spec, _ in found)})
+    return [(spec.plugin, reason) for spec, reason in found
+            if (spec.option, spec.value) not in handled]
 
 
 # fmtune's first-party plugin distributions and what their flags imply, so that a flag asking
@@ -280,11 +296,17 @@ def not_installed(yaml_values: dict, cli_pairs: list,
     the user's own choosing active (one of them may read them: ``vision``), they ask for
     nothing, and a reader that cannot read them says so."""
     available = installed() if available is None else available
+    # the plugins that will be active (chosen, or implied by an option) may handle an
+    # option themselves (fmtune.handles: a plugin that reads its own data files)
+    handled = _handled({*active, *(p for p, _ in implied(yaml_values, cli_pairs, list(active),
+                                                          available))})
     specs = []
     for dist, info in known_distributions().items():
         for key, plugin in info.get("implied_by", {}).items():
             option, _, value = key.partition(":")
             if option == "chat_records" and active:
+                continue
+            if (option, value.lower() or None) in handled:
                 continue
             specs.append(Implication(option, value.lower() or None, plugin, dist))
     given = _given(yaml_values, cli_pairs, {s.option for s in specs})

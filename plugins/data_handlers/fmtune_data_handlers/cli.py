@@ -1,4 +1,10 @@
-"""``fmtune preprocess`` and ``fmtune data preview`` (entry points in ``fmtune.commands``)."""
+"""``fmtune preprocess`` and ``fmtune data preview`` (entry points in ``fmtune.commands``).
+
+``fmtune data preview`` hands a run to an active plugin that reads its data itself and shows
+it its own way: an entry point named after the plugin in the group ``fmtune.data_preview``
+(``vision = "fmtune_vision.cli:data_preview"``), ``function(argv) -> exit code`` called with
+``--n N --color WHEN`` and the train options. Nothing of that plugin is imported here.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from . import plugin
 
 NAME = "data_handlers"
 IGNORE = -100
+PREVIEW_GROUP = "fmtune.data_preview"
 
 
 def _setup(argv: list[str], prog: str):
@@ -180,6 +187,9 @@ def data(argv: list[str]) -> int:
     if "--output_dir" not in " ".join(rest):  # preview writes nothing; the core wants a folder
         with tempfile.TemporaryDirectory(prefix="fmtune-preview-") as tmp:
             return data(argv + ["--output_dir", tmp])
+    handler = _preview_handler(rest)
+    if handler is not None:  # e.g. a vision run: image tokens shown where they sit
+        return int(handler.load()(["--n", str(args.n), "--color", args.color, *rest]) or 0)
     ready = _setup(rest, "fmtune data preview")
     if ready is None:
         return 0
@@ -198,3 +208,16 @@ def data(argv: list[str]) -> int:
         if counts:
             print(f"{split}: {_counts_line(counts)}")
     return 0
+
+
+def _preview_handler(rest: list[str]):
+    """The ``fmtune.data_preview`` entry point of a plugin active in this run (named in
+    ``--plugins``, or activated by an option such as ``--dataset_image_field``), or None."""
+    from importlib import metadata
+
+    handlers = {ep.name: ep for ep in metadata.entry_points(group=PREVIEW_GROUP)
+                if ep.name != NAME}
+    if not handlers or any(a in ("-h", "--help") for a in rest):
+        return None
+    config, _, _, _ = load_config(rest, activate=[NAME])
+    return next((handlers[n] for n in config.plugins if n in handlers), None)

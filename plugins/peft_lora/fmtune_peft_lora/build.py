@@ -122,6 +122,19 @@ def check_layers(model, config) -> None:
                           f"(0-{count - 1}); no layer {', '.join(map(str, missing))}")
 
 
+def auto_model_class(cfg):
+    """The transformers Auto class that builds the whole model of config ``cfg``:
+    ``AutoModelForImageTextToText`` for a vision-language model type (Mllama also maps to a
+    text-only causal LM, without its vision tower), else ``AutoModelForCausalLM``. The one
+    place the plugin chooses (structure checks, merge)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if getattr(cfg, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def meta_model(config):
     """The model's structure without weights (for checks before loading), or None."""
     path = config.model_name_or_path
@@ -131,16 +144,12 @@ def meta_model(config):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return None  # a hub id: checked once the model is loaded
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
-        # a vision-language model (Mllama also maps to a text-only causal LM): its whole
-        # structure, as the vision plugin loads it
-        auto = (AutoModelForImageTextToText
-                if cfg.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-                else AutoModelForCausalLM)
+        # a vision-language model: its whole structure, as the vision plugin loads it
+        auto = auto_model_class(cfg)
         with init_empty_weights():
             return auto.from_config(cfg, trust_remote_code=config.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - the real load reports it properly

@@ -16,6 +16,9 @@ def merge(argv: list[str]) -> int:
         description="Merge a LoRA adapter into its base model and save the full model (and the "
                     "adapter's tokenizer) in Hugging Face format, loadable with "
                     "AutoModelForCausalLM.from_pretrained and servable by vLLM as a plain model. "
+                    "A vision-language base (LLaVA, Llama 3.2 Vision, ...) is loaded whole and "
+                    "saved with its processor (the adapter's, else the base's): the folder "
+                    "loads with AutoModelForImageTextToText and AutoProcessor. "
                     "BASE defaults to the adapter's base_model_name_or_path.")
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="[BASE] ADAPTER OUT: base model folder or hub id (optional), adapter "

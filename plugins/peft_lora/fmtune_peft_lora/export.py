@@ -34,11 +34,21 @@ EMBEDDING_NAMES = (*INPUT_EMBEDDINGS, *OUTPUT_EMBEDDINGS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja")
+# a folder holding one of these has a processor (image processor + tokenizer) AutoProcessor loads
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def vllm_refusals(cfg: dict) -> list[str]:
-    """Why vLLM cannot serve an adapter with this adapter_config (empty: it can)."""
+# base model types whose vLLM implementation takes no LoRA adapter (no SupportsLoRA)
+VLLM_NO_LORA = {"mllama": "Llama 3.2 Vision (MllamaForConditionalGeneration)"}
+
+
+def vllm_refusals(cfg: dict, model_type: str | None = None) -> list[str]:
+    """Why vLLM cannot serve an adapter with this adapter_config (empty: it can), over a base of
+    ``model_type`` when known."""
     out = []
+    if model_type in VLLM_NO_LORA:
+        out.append(f"vLLM serves no LoRA adapter on {VLLM_NO_LORA[model_type]}; merge the "
+                   "adapter (fmtune merge) and serve the merged model")
     kind = cfg.get("peft_type")
     if kind != "LORA":
         what = "prompt tuning" if kind == "PROMPT_TUNING" else str(kind)
@@ -119,21 +129,26 @@ def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "floa
                        trust_remote_code: bool = False, tokenizer_path: str | None = None,
                        device_map: Any = None):
     """``(peft_model, tokenizer)``: the base in full precision (resized to the adapter's tokenizer)
-    with the adapter on top, loaded by peft's own loader."""
+    with the adapter on top, loaded by peft's own loader. A vision-language base (LLaVA, Mllama,
+    ...) is loaded whole, with ``AutoModelForImageTextToText`` (:func:`build.auto_model_class`)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from fmtune.models import (fit_to_tokenizer, from_pretrained, quant_method,
                                without_unused_gptqmodel)
+
+    from .build import auto_model_class
 
     cfg = _adapter_config(adapter)
     base = _base_path(adapter, cfg, base)
     has_tok = os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, adapter if has_tok else base,
                                 "tokenizer", trust_remote_code=trust_remote_code)
+    base_cfg = from_pretrained(AutoConfig.from_pretrained, base, "model",
+                               trust_remote_code=trust_remote_code)
     extra = {"device_map": device_map} if device_map is not None else {}
-    model = from_pretrained(AutoModelForCausalLM.from_pretrained, base, "model",
+    model = from_pretrained(auto_model_class(base_cfg).from_pretrained, base, "model",
                             trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype),
                             **extra)
     fit_to_tokenizer(model, tokenizer)  # the adapter's tokenizer: its rows are what it trained
@@ -144,16 +159,58 @@ def load_adapter_model(adapter: str, base: str | None = None, dtype: str = "floa
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{adapter}: the adapter does not fit the base model {base}: "
                           f"{first}") from None
+    unloaded = _unloaded_tensors(adapter, peft_model)
+    if unloaded:  # peft only warns: a merge would silently leave them out
+        raise ConfigError(f"{adapter}: the adapter does not fit the base model {base} "
+                          f"({type(model).__name__}): {len(unloaded)} of its tensors name no "
+                          f"layer of it ({', '.join(unloaded[:3])})")
     if tokenizer_path:  # Silogen's merge_adapter --tokenizer: the tokenizer saved with it
         tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_path, "tokenizer",
                                     trust_remote_code=trust_remote_code)
     return peft_model, tokenizer
 
 
+def _unloaded_tensors(adapter: str, peft_model) -> list[str]:
+    """The tensors of the adapter's weights file that peft loaded into no layer of the model
+    (an adapter trained on another structure of the base, e.g. a text-only class)."""
+    path = os.path.join(adapter, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        return []  # adapter_model.bin: peft's own loader checked what it could
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        saved = list(f.keys())
+    # save_embedding_layers=True: every key the adapter could hold (resized embeddings too),
+    # without peft's hub look-up of the base config ("auto")
+    loaded = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True))
+    return [k for k in saved if k not in loaded]
+
+
+def _processor(adapter: str, base: str, model, trust_remote_code: bool):
+    """The processor to save with a merged vision-language model: the adapter's (the vision
+    plugin saves it with the adapter), else the base's; None for a text-only model whose
+    adapter has no processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .build import auto_model_class
+
+    own = any(os.path.isfile(os.path.join(adapter, f)) for f in PROCESSOR_FILES)
+    if not own and auto_model_class(model.config) is not AutoModelForImageTextToText:
+        return None
+
+    from fmtune.models import from_pretrained
+
+    return from_pretrained(AutoProcessor.from_pretrained, adapter if own else base, "processor",
+                           trust_remote_code=trust_remote_code)
+
+
 def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32",
           trust_remote_code: bool = False, tokenizer_path: str | None = None,
           device_map: Any = None) -> str:
-    """Merge a LoRA adapter into its base; save the full model + tokenizer to ``out``."""
+    """Merge a LoRA adapter into its base; save the full model + tokenizer to ``out`` (and, for
+    a vision-language model, its processor: the folder reloads with
+    ``AutoModelForImageTextToText`` + ``AutoProcessor``)."""
     check_new_dir(out)
     cfg = _adapter_config(adapter)
     if cfg.get("peft_type") != "LORA":
@@ -164,10 +221,15 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str = "float32
                           "merged into the weights it would act on every token")
     model, tokenizer = load_adapter_model(adapter, base, dtype, trust_remote_code,
                                           tokenizer_path, device_map)
+    processor = _processor(adapter, _base_path(adapter, cfg, base), model.get_base_model(),
+                           trust_remote_code)
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)  # its tokenizer too
+        if processor is None or tokenizer_path:
+            tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -191,7 +253,7 @@ def export_vllm(adapter: str, out: str) -> dict:
 
     check_new_dir(out)
     cfg = _adapter_config(adapter)
-    problems = vllm_refusals(cfg)
+    problems = vllm_refusals(cfg, _local_base_model_type(cfg))
     if problems:
         raise ConfigError(f"{adapter}: vLLM cannot serve this adapter: " + "; ".join(problems))
     weights_path = os.path.join(adapter, ADAPTER_WEIGHTS)
@@ -235,6 +297,20 @@ def export_vllm(adapter: str, out: str) -> dict:
             if os.path.isfile(os.path.join(adapter, name)):
                 shutil.copy(os.path.join(adapter, name), tmp)
     return written
+
+
+def _local_base_model_type(cfg: dict) -> str | None:
+    """The base's model type when its config is at hand (a folder, or in the cache); None
+    otherwise (nothing is downloaded for it)."""
+    from transformers import AutoConfig
+
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        return None
+    try:
+        return AutoConfig.from_pretrained(base, local_files_only=True).model_type
+    except Exception:  # noqa: BLE001 - not at hand, custom code, unreadable: not known
+        return None
 
 
 def _base_config(adapter: str, cfg: dict):

@@ -66,6 +66,12 @@ def generate_images(argv: list[str]) -> int:
     return main(["generate", *argv])
 
 
+def data_preview(argv: list[str]) -> int:
+    """``fmtune data preview`` (the data_handlers plugin's command) on a vision run: this
+    plugin's preview (entry point ``vision`` in the group ``fmtune.data_preview``)."""
+    return main(["preview", *argv])
+
+
 def generate_command(args) -> int:
     from .inference import exact_match, generate, load_for_inference, question
 

@@ -73,29 +73,38 @@ def generate(model, processor, conversations: list[list[dict]], images: list[lis
     from .data import parse_messages
 
     tok = processor.tokenizer
-    from .models import NESTED_IMAGES
-
-    nested = getattr(model.config, "model_type", None) in NESTED_IMAGES
     answers = []
     for messages, pics in zip(conversations, images):
         messages = parse_messages(messages, "generate", "messages")
-        text = processor.apply_chat_template(messages, chat_template=chat_template,
-                                             tokenize=False, add_generation_prompt=True)
-        pics = [p if hasattr(p, "convert") else imgs.load(_ref(p)) for p in pics]
-        kwargs: dict[str, Any] = {}
-        if pics:
-            kwargs["images"] = [pics] if nested else pics
-        add_special = not (tok.bos_token and text.startswith(tok.bos_token))
-        batch = processor(text=[text], return_tensors="pt", add_special_tokens=add_special,
-                          **kwargs)
-        batch.pop("token_type_ids", None)
-        batch = batch.to(model.device)
+        batch = model_inputs(model, processor, messages, pics, chat_template)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
         answers.append(tok.decode(out[0, batch["input_ids"].shape[1]:],
                                   skip_special_tokens=True).strip())
     return answers
+
+
+def model_inputs(model, processor, messages: list[dict], pics: list,
+                 chat_template: str | None = None):
+    """The model's inputs (a batch of one, on the model's device) for a conversation whose last
+    turn is the user's, with its images (PIL images or references), as :func:`generate` and
+    the tests build them: the chat template's generation prompt, then the processor."""
+    from .models import NESTED_IMAGES
+
+    tok = processor.tokenizer
+    nested = getattr(model.config, "model_type", None) in NESTED_IMAGES
+    text = processor.apply_chat_template(messages, chat_template=chat_template,
+                                         tokenize=False, add_generation_prompt=True)
+    pics = [p if hasattr(p, "convert") else imgs.load(_ref(p)) for p in pics]
+    kwargs: dict[str, Any] = {}
+    if pics:
+        kwargs["images"] = [pics] if nested else pics
+    add_special = not (tok.bos_token and text.startswith(tok.bos_token))
+    batch = processor(text=[text], return_tensors="pt", add_special_tokens=add_special,
+                      **kwargs)
+    batch.pop("token_type_ids", None)
+    return batch.to(model.device)
 
 
 def _ref(value: Any) -> str:

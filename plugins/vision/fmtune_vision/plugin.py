@@ -101,6 +101,11 @@ def _model_problems(config) -> list[str]:
         problems.append("vision with qlora: random_init_weights is not supported (save the "
                         "random model with fmtune_vision.testing or a first run, then train "
                         "from that folder)")
+    if config.get("lora_post_process_for_vllm") and arch.model_type == "mllama":
+        # known before training: the LoRA plugin's export at the end would refuse it
+        problems.append("lora_post_process_for_vllm: vLLM serves no LoRA adapter on Llama 3.2 "
+                        "Vision (MllamaForConditionalGeneration); merge the adapter after "
+                        "training (fmtune merge) and serve the merged model")
     explicit = config.source("vision_lora_parts") != "default"
     if not _lora_active(config):
         if explicit:

@@ -50,3 +50,18 @@ def test_fmtune_generate_with_an_image_is_the_plugins(vlm, tmp_path):
     own = run_cli(["vision", "generate", "--model", vlm("llava"), "--image", str(image),
                    "--prompt", QUESTION, "--max_new_tokens", "3"])
     assert core.stdout == own.stdout and core.stdout.strip()
+
+
+def test_fmtune_data_preview_of_a_vision_run_is_the_plugins(vlm, shapes):
+    """`fmtune data preview` (the data_handlers plugin's command) hands a vision run (the
+    plugin named, or activated by --dataset_image_field) to this plugin's preview through its
+    `fmtune.data_preview` entry point: where the image tokens sit and which tokens train."""
+    train = ["--n", "1", "--color", "never", "--model_name_or_path", vlm("llava"),
+             "--training_data_path", shapes, "--dataset_text_field", "messages"]
+    own = run_cli(["vision", "preview", *train])
+    assert own.exit_code == 0, own.stderr[-2000:]
+    for how in (["--plugins", "vision"], ["--dataset_image_field", "images"]):
+        res = run_cli(["data", "preview", *train, *how])
+        assert res.exit_code == 0, res.stderr[-2000:]
+        assert res.stdout == own.stdout
+        assert f"USER: <IMAGE x16>\n{QUESTION} ASSISTANT:[[ " in res.stdout

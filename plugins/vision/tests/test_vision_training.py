@@ -60,19 +60,31 @@ def test_trains_saves_reloads_and_generates(arch, method, vlm, shapes, tmp_path)
     assert answers(model, processor, image) == answers(trained, processor, image)
 
 
-def test_qlora_quantizes_the_language_model_only(vlm, shapes, tmp_path):
-    """bitsandbytes 4-bit on CPU: the language model's linear layers are 4-bit, the vision
-    tower and projector are not; only the adapter trains."""
+def test_qlora_quantizes_the_language_model_only(arch, vlm, shapes, tmp_path):
+    """bitsandbytes 4-bit on CPU, every architecture: the language model's linear layers (all
+    of them, Mllama's cross-attention layers too) are 4-bit, the vision tower, the projector
+    and the output layer are not; only the adapter trains, and the loss falls."""
     import bitsandbytes as bnb
     import torch
 
-    rec = train(train_argv(vlm("llava"), shapes, tmp_path / "out", "--plugins", "vision,qlora",
+    rec = train(train_argv(vlm(arch), shapes, tmp_path / "out", "--plugins", "vision,qlora",
                            "--max_steps", "2"))
+    assert len(rec.losses) == 2 and rec.losses[-1] < rec.losses[0]
     base = rec.model.get_base_model()
-    four_bit = {n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    four_bit = {n.removesuffix(".base_layer") for n, m in base.named_modules()
+                if isinstance(m, bnb.nn.Linear4bit)}
+    # every 4-bit layer carries LoRA and every LoRA layer is 4-bit: the language model's
+    assert four_bit == {n.removeprefix("base_model.model.") for n in adapted_layers(rec.model)}
     assert four_bit and all(".language_model." in n for n in four_bit)
-    plain = [n for n, m in base.named_modules() if type(m) is torch.nn.Linear]
-    assert any("vision_tower" in n for n in plain) and any("projector" in n for n in plain)
+    plain = [n for n, m in base.named_modules() if type(m) is torch.nn.Linear
+             and ".lora_" not in n]
+    assert not [n for n in plain if ".language_model." in n]
+    from fmtune_vision.models import part_of
+
+    assert {"vision_tower", "projector"} <= {part_of(n) for n in plain}
+    assert type(base.get_output_embeddings()) is torch.nn.Linear
+    trainable = {n for n, p in rec.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
