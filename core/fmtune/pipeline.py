@@ -486,6 +486,9 @@ def load_data(run: Run) -> tuple[Any, Any]:
 
 def load_model(run: Run) -> None:
     """``load_model`` (timed), then ``wrap_peft`` when a plugin wraps it."""
+    from .hub import freeze_at_imports
+
+    freeze_at_imports(False)  # start-up ends where any plugin's model loads (fmtune.hub)
     config, pm = run.config, run.pm
     t = time.perf_counter()
     run.model = _required(pm.hook.load_model(config=config, tokenizer=run.tokenizer), "load_model")
