@@ -409,16 +409,9 @@ def run_vision_cell(arch: str, method: str, vision_workspace, vlm) -> dict:
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
-    from fmtune_vision.testing import build_tiny_vlm
+    from fmtune_vision.testing import tiny_vlm_builder
 
-    built = {}
-
-    def get(arch: str) -> str:
-        if arch not in built:
-            built[arch] = build_tiny_vlm(tmp_path_factory.mktemp(arch) / "model", arch)
-        return built[arch]
-
-    return get
+    return tiny_vlm_builder(tmp_path_factory)
 
 
 @pytest.mark.parametrize("arch,method", VISION_CELLS, ids=[f"{a}-{m}" for a, m in VISION_CELLS])

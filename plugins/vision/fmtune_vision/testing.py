@@ -203,6 +203,19 @@ def build_tiny_vlm(folder: str | os.PathLike, arch: str, seed: int = 0) -> str:
     return str(folder)
 
 
+def tiny_vlm_builder(tmp_path_factory: Any):
+    """``get(arch)``: the folder of a tiny model of ``arch`` (:func:`build_tiny_vlm`), built
+    once under pytest's ``tmp_path_factory`` on first use (for a fixture)."""
+    built: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in built:
+            built[arch] = build_tiny_vlm(tmp_path_factory.mktemp(arch) / "model", arch)
+        return built[arch]
+
+    return get
+
+
 def draw_shape(colour: str, shape: str, size: int = IMAGE_SIZE, seed: int = 0):
     """A ``size`` x ``size`` RGB image: one ``colour`` ``shape`` on a grey background, placed
     and sized by ``seed``."""

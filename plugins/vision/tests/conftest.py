@@ -6,20 +6,13 @@ from __future__ import annotations
 import pytest
 
 from fmtune.testing import write_jsonl
-from fmtune_vision.testing import ARCHITECTURES, build_tiny_vlm, shape_records
+from fmtune_vision.testing import ARCHITECTURES, shape_records, tiny_vlm_builder
 
 
 @pytest.fixture(scope="session")
 def vlm(tmp_path_factory):
     """``vlm(arch)``: the folder of a tiny random-init model of ``arch`` and its processor."""
-    built = {}
-
-    def get(arch: str) -> str:
-        if arch not in built:
-            built[arch] = build_tiny_vlm(tmp_path_factory.mktemp(arch) / "model", arch)
-        return built[arch]
-
-    return get
+    return tiny_vlm_builder(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
