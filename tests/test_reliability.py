@@ -312,6 +312,11 @@ case(G, "dc-missing-data", "a data path that does not exist",
 case(G, "dc-odm", "dataprocessor type odm",
      lambda w: data_config(w, "dataprocessor:\n  type: odm\ndatasets:\n" + dataset("a")),
      "dataprocessor.odm: required with type: odm")
+case(G, "dc-odm-reward", "online data mixing with fms-hf-tuning's entropy reward",
+     lambda w: data_config(w, "dataprocessor:\n  type: odm\n  odm:\n    reward_type: entropy\n"
+                           "datasets:\n" + dataset("a") + dataset("b")),
+     "<tmp>/data_config.yaml: dataprocessor.odm.reward_type: 'entropy' is not supported; "
+     "supported: train_loss")
 case(G, "dc-duplicate-key", "a key written twice",
      lambda w: data_config(w, "datasets:\n" + dataset("a") + "datasets: []\n"),
      "invalid YAML: duplicate key 'datasets'")
@@ -431,6 +436,28 @@ case(G, "eval-without-data", "--eval_strategy steps without validation data",
 case(G, "max-per-device-alone", "max_per_device_train_batch_size without a total",
      lambda w: train(w, "--max_per_device_train_batch_size", "2"),
      "max_per_device_train_batch_size needs total_train_batch_size")
+case(G, "auto-batch-and-per-device", "max_per_device_train_batch_size auto with a per-device batch",
+     lambda w: train(w, "--max_per_device_train_batch_size", "auto",
+                     "--per_device_train_batch_size", "4"),
+     "max_per_device_train_batch_size auto picks per_device_train_batch_size; remove "
+     "per_device_train_batch_size 4")
+case(G, "auto-batch-word", "max_per_device_train_batch_size neither a number nor auto",
+     lambda w: train(w, "--max_per_device_train_batch_size", "lots"),
+     "max_per_device_train_batch_size must be an integer or auto, got 'lots'")
+case(G, "auto-memory-alone", "auto_batch_max_memory without auto",
+     lambda w: train(w, "--auto_batch_max_memory", "2"),
+     "auto_batch_max_memory needs max_per_device_train_batch_size auto")
+case(G, "auto-batch-too-small", "auto batch size with memory for no example",
+     lambda w: train(w, "--max_per_device_train_batch_size", "auto",
+                     "--auto_batch_max_memory", "0.01"),
+     "max_per_device_train_batch_size auto: not even 1 example per device fits "
+     "auto_batch_max_memory 0.01 GiB")
+case(G, "multipack-alone", "fms-hf-tuning's --multipack without --padding_free",
+     lambda w: train(w, "--multipack", "16"),
+     "--multipack needs --padding_free (as in fms-hf-tuning)")
+case(G, "multipack-packing", "--multipack with --packing",
+     lambda w: train(w, "--padding_free", "true", "--multipack", "16", "--packing", "true"),
+     "multipack and packing are exclusive")
 case(G, "no-model", "no model_name_or_path",
      lambda w: ["train", "--training_data_path", w.good, "--output_dir", w.out],
      "model_name_or_path is required (YAML key or --model_name_or_path)")
