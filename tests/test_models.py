@@ -425,11 +425,13 @@ def test_vision_architecture_method(arch, method, vision_workspace, vlm):
             result["error"], result
 
 
-def render_vision(results: dict) -> list[str]:
-    def cell(r: dict) -> str:
-        text = f"yes: {r['detail']}" if r["outcome"] == "ok" else f"**no**: {r['error']}"
-        return text.replace("|", "\\|")
+def table_cell(r: dict) -> str:
+    """A table cell of one run's result."""
+    text = f"yes: {r['detail']}" if r["outcome"] == "ok" else f"**no**: {r['error']}"
+    return text.replace("|", "\\|")
 
+
+def render_vision(results: dict) -> list[str]:
     from fmtune_vision.testing import IMAGE_SIZE, TEXT, VISION
 
     lines = [
@@ -454,7 +456,7 @@ def render_vision(results: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for label, arch in VISION_ARCHS.items():
-        lines.append(f"| {label} | " + " | ".join(cell(results[("vision", arch, m)])
+        lines.append(f"| {label} | " + " | ".join(table_cell(results[("vision", arch, m)])
                                                   for m in VISION_METHODS) + " |")
     return lines
 
@@ -463,10 +465,6 @@ def render(results: dict[tuple[str, str], dict], vocab: int) -> str:
     import peft
     import torch
     import transformers
-
-    def cell(r: dict) -> str:
-        text = f"yes: {r['detail']}" if r["outcome"] == "ok" else f"**no**: {r['error']}"
-        return text.replace("|", "\\|")
 
     lines = [
         "# Supported model architectures",
@@ -489,7 +487,7 @@ def render(results: dict[tuple[str, str], dict], vocab: int) -> str:
         "|---|---|---|---|",
     ]
     for arch in ARCHS:
-        lines.append(f"| `{arch}` | " + " | ".join(cell(results[(arch, m)]) for m in METHODS)
+        lines.append(f"| `{arch}` | " + " | ".join(table_cell(results[(arch, m)]) for m in METHODS)
                      + " |")
     fused = [a for a in ARCHS if any("fused 3-D" in results[(a, m)].get("detail", "")
                                      for m in METHODS)]

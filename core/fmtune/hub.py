@@ -193,8 +193,9 @@ class _DeferringLoader:
 # costs nothing), so the collector only looks at what was made since; objects are still freed
 # when their last reference goes, only cyclic garbage among the frozen ones is left to
 # gc.unfreeze() (start-up makes a few dozen such objects). Imports are where the objects come
-# from. Freezing ends where the model starts to load (fmtune.models.load_full_model, and
-# from_pretrained below for a model): what is made from then on (the model, the trainer, a
+# from. Freezing ends where the model starts to load (fmtune.pipeline.load_model, before any
+# plugin's load_model hook, and from_pretrained below for a model, for the commands that load
+# one outside a training run): what is made from then on (the model, the trainer, a
 # tracker's run, a model loaded and dropped again) is collected as usual, and so is whatever
 # a plugin hands to gc.collect() to be closed (the aim tracker's run).
 _FREEZING = False

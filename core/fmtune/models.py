@@ -16,7 +16,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from .hub import freeze_at_imports, from_pretrained, quant_method, without_unused_gptqmodel
+from .hub import from_pretrained, quant_method, without_unused_gptqmodel
 
 if TYPE_CHECKING:
     from .config import Config
@@ -134,7 +134,6 @@ def load_full_model(config: Config, tokenizer: Any) -> Any:
     """The core's ``load_model``: ``model_name_or_path`` in ``torch_dtype`` with the resolved
     attention implementation (or, with ``random_init_weights``, its architecture with random
     weights sized to ``tokenizer``), fitted to the tokenizer (:func:`fit_to_tokenizer`)."""
-    freeze_at_imports(False)  # start-up (imports) ends here: see fmtune.hub.freeze_at_imports
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
     dtype = resolve_dtype(config.torch_dtype)
