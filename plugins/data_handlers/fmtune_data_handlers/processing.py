@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -411,9 +412,11 @@ def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_templ
             ds = ds.remove_columns([ROW])
         return handler.fn(ds, **kwargs)
     fn = Located(handler.fn, origins, where)
+    proc = _proc(ds, step, config)
     if handler.kind == "filter":
-        return ds.filter(fn, fn_kwargs=kwargs, batched=batched,
-                         batch_size=step.batch_size, **_proc(ds, step))
+        with forked_tokenizers(proc):
+            return ds.filter(fn, fn_kwargs=kwargs, batched=batched,
+                             batch_size=step.batch_size, **proc)
     remove = step.remove_columns
     if remove:
         raw = _raw_columns(ds)
@@ -423,13 +426,14 @@ def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_templ
         if ROW in raw and set(visible) <= set(remove):
             # the handler may change the number of rows: the row numbers go with the columns
             remove.append(ROW)
-    if batched and _plain_dataset(ds):
-        return ds.with_format("arrow").map(
-            ArrowBatches(handler.fn, remove or [], where, origins, ds.features),
-            fn_kwargs=kwargs,
-            batched=True, batch_size=step.batch_size, **_proc(ds, step)).with_format(None)
-    return ds.map(fn, fn_kwargs=kwargs, batched=batched, batch_size=step.batch_size,
-                  remove_columns=remove, **_proc(ds, step))
+    with forked_tokenizers(proc):
+        if batched and _plain_dataset(ds):
+            return ds.with_format("arrow").map(
+                ArrowBatches(handler.fn, remove or [], where, origins, ds.features),
+                fn_kwargs=kwargs,
+                batched=True, batch_size=step.batch_size, **proc).with_format(None)
+        return ds.map(fn, fn_kwargs=kwargs, batched=batched, batch_size=step.batch_size,
+                      remove_columns=remove, **proc)
 
 
 def locate(error: RecordError, row, origins: Origins | None, where: str) -> DataError:
@@ -562,15 +566,56 @@ def _arrow_backed(values) -> bool:
     return isinstance(values, pd.Series) and isinstance(values.dtype, pd.ArrowDtype)
 
 
-def _proc(ds, step: Step) -> dict:
+def _proc(ds, step: Step, config) -> dict:
     from datasets import Dataset
 
     extra = {}
     if isinstance(ds, Dataset):
         extra["desc"] = step.name
-        if step.num_proc:
-            extra["num_proc"] = step.num_proc
+        n = step.num_proc or config.get("dataset_num_proc") or auto_num_proc(len(ds))
+        if n > 1:
+            extra["num_proc"] = n
     return extra
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as a container's cpuset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_num_proc(rows: int) -> int:
+    """dataset_num_proc's default for a dataset of ``rows`` records: one process per
+    RECORDS_PER_PROCESS records, at most this machine's usable CPUs shared among the training
+    processes on it (each prepares its data: LOCAL_WORLD_SIZE, as torchrun and accelerate set
+    it). fms-hf-tuning always maps with os.cpu_count() processes; at 10k records forking costs
+    what it saves."""
+    from .plugin import RECORDS_PER_PROCESS
+
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, min(usable_cpus() // local, rows // RECORDS_PER_PROCESS))
+
+
+@contextmanager
+def forked_tokenizers(ds_kwargs: dict):
+    """Around a map with ``num_proc`` > 1: the forked processes tokenize on one thread each
+    (TOKENIZERS_PARALLELISM=false for them): a Rust thread pool used before the fork would
+    deadlock them, and the tokenizers library would warn in each. The user's setting is
+    restored after."""
+    if (ds_kwargs.get("num_proc") or 1) <= 1:
+        yield
+        return
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _finish(ds, name: str, counts: dict[str, int], streaming: bool):
