@@ -1,6 +1,7 @@
 """--multipack in real training runs: the batches the model is handed are the multipack bins
 (each a padding-free row), every example once per epoch, losses finite, a resumed run sees the
-batches the uninterrupted one saw after its checkpoint, two processes get disjoint bins; and
+batches the uninterrupted one saw after its checkpoint, two processes get disjoint bins (also
+when resumed in the second epoch); and
 the option's checks."""
 
 from __future__ import annotations
@@ -199,3 +200,30 @@ def test_two_processes_get_disjoint_bins(model, data, tmp_path):
     assert len(members) == len(set(members))  # disjoint
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == len(want[0])
+
+
+def torchrun(driver, folder, argv):
+    folder.mkdir(exist_ok=True)
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(driver), str(folder), *argv],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return [json.loads((folder / f"rank{r}.json").read_text())["rows"] for r in (0, 1)]
+
+
+def test_two_processes_resume_in_the_second_epoch_with_the_same_bins(model, data, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    common = [*MP, "--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "1"]
+    whole = torchrun(driver, tmp_path / "whole", [*train_argv(model, data, tmp_path / "a"),
+                                                  *common])
+    steps = len(whole[0])
+    assert steps == len(whole[1]) >= 4 and steps % 2 == 0
+    ckpt = steps // 2 + 1  # the first step of the second epoch is trained, the rest resumed
+    resumed = torchrun(driver, tmp_path / "resumed", [
+        *train_argv(model, data, tmp_path / "r"), *common,
+        "--resume_from_checkpoint", str(tmp_path / "a" / f"checkpoint-{ckpt}")])
+    assert resumed == [whole[0][ckpt:], whole[1][ckpt:]]
+    assert whole[0][:steps // 2] != whole[0][steps // 2:]  # epoch 2 reshuffled the bins
