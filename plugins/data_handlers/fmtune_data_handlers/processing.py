@@ -572,7 +572,7 @@ def _proc(ds, step: Step, config) -> dict:
     extra = {}
     if isinstance(ds, Dataset):
         extra["desc"] = step.name
-        n = step.num_proc or config.get("dataset_num_proc") or auto_num_proc(len(ds))
+        n = step.num_proc or getattr(config, "dataset_num_proc", None) or auto_num_proc(len(ds))
         if n > 1:
             extra["num_proc"] = n
     return extra
