@@ -313,11 +313,14 @@ case(G, "dc-missing-data", "a data path that does not exist",
 case(G, "dc-odm", "dataprocessor type odm",
      lambda w: data_config(w, "dataprocessor:\n  type: odm\ndatasets:\n" + dataset("a")),
      "dataprocessor.odm: required with type: odm")
-case(G, "dc-odm-reward", "online data mixing with fms-hf-tuning's entropy reward",
-     lambda w: data_config(w, "dataprocessor:\n  type: odm\n  odm:\n    reward_type: entropy\n"
-                           "datasets:\n" + dataset("a") + dataset("b")),
-     "<tmp>/data_config.yaml: dataprocessor.odm.reward_type: 'entropy' is not supported; "
-     "supported: train_loss")
+case(G, "dc-odm-reward", "online data mixing with the entropy reward (fms-hf-tuning's "
+     "default) and a dataset without a validation split",
+     lambda w: data_config(w, "dataprocessor:\n  type: odm\n  odm:\n    gamma: 0.1\n"
+                           "datasets:\n" + dataset("a", "    split: {train: 0.8, validation: "
+                                                         "0.2}\n") + dataset("b")),
+     "<tmp>/data_config.yaml: dataprocessor.odm.reward_type entropy computes each dataset's "
+     "reward on its validation split; datasets[b] has none (add split: {train: 0.9, "
+     "validation: 0.1})")
 case(G, "dc-duplicate-key", "a key written twice",
      lambda w: data_config(w, "datasets:\n" + dataset("a") + "datasets: []\n"),
      "invalid YAML: duplicate key 'datasets'")

@@ -156,12 +156,29 @@ def _odm_problems(config, dc) -> list[str]:
     world = max(int(os.environ.get("WORLD_SIZE") or 1), int(config.get("num_processes") or 1))
     if world > 1:
         problems.append(f"{where}: online mixing runs in one process (got {world})")
+    from .processing import VALIDATION_REWARDS
+
+    reward = dc.odm["reward_type"]
+    if reward in VALIDATION_REWARDS:  # fms-acceleration crashes on a dataset without one
+        missing = [f"datasets[{spec.name}]" for spec in dc.datasets
+                   if spec.fractions()[0] > 0 and not spec.fractions()[1] > 0]
+        if missing:
+            problems.append(f"{dc.source}: dataprocessor.odm.reward_type {reward} computes "
+                            f"each dataset's reward on its validation split; "
+                            f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} "
+                            "none (add split: {train: 0.9, validation: 0.1})")
+        return problems
     interval = odm_update_interval(config, dc.odm)
+    logged = "loss" if reward == "train_loss" else "grad_norm"
     logging = config.get("logging_steps")
     if isinstance(logging, (int, float)) and logging >= 1 and interval % int(logging):
         problems.append(f"{dc.source}: dataprocessor.odm.update_interval: {interval} is not a "
-                        f"multiple of logging_steps {int(logging)} (the train_loss reward is "
-                        "the logged loss)")
+                        f"multiple of logging_steps {int(logging)} (the {reward} reward is "
+                        f"the logged {logged})")
+    if reward == "gradnorm" and not (config.get("max_grad_norm") or 0) > 0:
+        problems.append(f"{dc.source}: dataprocessor.odm.reward_type gradnorm is computed from "
+                        "the logged grad_norm, which the Trainer computes only with "
+                        "max_grad_norm > 0 (got max_grad_norm 0)")
     return problems
 
 
@@ -273,14 +290,17 @@ def prepare_data(config, tokenizer, pm):
 # ----------------------------------------------------------- online data mixing (odm)
 
 ODM = StashKey["OdmRun"]()
-ODM_LOG = "odm.jsonl"  # a line per mixing update (step, credited dataset, ratios, examples)
+ODM_LOG = "odm.jsonl"  # a line per mixing update (step, rewards, ratios, examples)
 
 
 class OdmRun:
-    """This run's mixing stream, its update interval and the odm.jsonl lines written."""
+    """This run's mixing stream, its reward, update interval and the validation splits the
+    entropy and validation_loss rewards are computed on."""
 
-    def __init__(self, stream, interval: int, dc_source: str) -> None:
+    def __init__(self, stream, interval: int, dc_source: str, reward: str,
+                 validation: dict | None = None) -> None:
         self.stream, self.interval, self.source = stream, interval, dc_source
+        self.reward, self.validation = reward, validation or {}
         self.last_trained = 0
 
 
@@ -288,17 +308,32 @@ def mixing_stream(config, parts: dict, odm: dict):
     """The :class:`~.odm.MixingStream` over each dataset's train split (``parts``), kept on
     the run's stash for the hooks below."""
     from .odm import MixingStream
+    from .processing import VALIDATION_REWARDS
 
+    reward = odm["reward_type"]
+    validation = {}
+    if reward in VALIDATION_REWARDS:
+        validation = odm.get("validation") or {}
+        empty = [name for name in parts if len(validation.get(name) or ()) == 0]
+        if empty:  # every row of the split was dropped (validate_config saw the split given)
+            from .loading import DataError
+
+            raise DataError(f"{odm['source']}: dataprocessor.odm.reward_type {reward} computes "
+                            f"each dataset's reward on its validation split; "
+                            f"{', '.join(f'datasets[{n}]' for n in empty)}: no usable "
+                            "validation example")
     weights = {name: w for name, w in odm["weights"].items() if w is not None}
     stream = MixingStream(parts, weights if len(weights) == len(parts) else None,
                           gamma=odm["gamma"], eta=odm["eta"], seed=odm["seed"],
-                          sampling_interval=odm["sampling_interval"])
-    config.stash[ODM] = OdmRun(stream, odm_update_interval(config, odm), odm["source"])
-    log.info("online data mixing (odm): %s; initial sampling ratios %s; updated from the train "
-             "loss every %d steps", ", ".join(f"{n}: {len(parts[n])} examples" for n in
-                                             stream.names),
-             ", ".join(f"{r:.3f}" for r in stream.mixer.ratios),
-             config.stash[ODM].interval)
+                          sampling_interval=odm["sampling_interval"], reward_type=reward)
+    config.stash[ODM] = OdmRun(stream, odm_update_interval(config, odm), odm["source"], reward,
+                               validation)
+    on = ", ".join(f"{n}: {len(validation[n])}" for n in stream.names) if validation else ""
+    log.info("online data mixing (odm): %s; initial sampling ratios %s; updated from the %s "
+             "reward every %d steps%s", ", ".join(f"{n}: {len(parts[n])} examples" for n in
+                                                  stream.names),
+             ", ".join(f"{r:.3f}" for r in stream.mixer.ratios), reward,
+             config.stash[ODM].interval, f" (on the validation splits: {on})" if on else "")
     return stream
 
 
@@ -340,26 +375,124 @@ def _examples_per_step(run) -> int:
     return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
 
 
-@hookimpl
-def on_log(run, logs):
-    odm = run.config.stash.get(ODM)
-    step = int(run.state.global_step)
-    if odm is None or "loss" not in logs or step % odm.interval:
-        return None
-    trained = step * _examples_per_step(run)
+def _write_update(run, odm, step: int, trained: int, **fields) -> None:
+    """An odm.jsonl line: the update's reward vector, the new ratios and weights, and how
+    many examples of each dataset were trained since the last update."""
     stream = odm.stream
-    arm = stream.credit(trained, float(logs["loss"]))
     if run.is_main_process:
         import json
 
-        line = {"step": step, "credited": stream.names[arm], "loss": float(logs["loss"]),
+        line = {"step": step, "reward_type": odm.reward, **fields,
                 "sampling_ratios": dict(zip(stream.names, stream.mixer.ratios)),
                 "sampling_weights": dict(zip(stream.names, stream.mixer.weights)),
                 "sampled": stream.sampled(odm.last_trained, trained)}
         with open(os.path.join(run.output_dir, ODM_LOG), "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
     odm.last_trained = trained
+
+
+@hookimpl
+def on_log(run, logs):
+    """train_loss and gradnorm: the logged loss (grad_norm) of an update step is credited."""
+    odm = run.config.stash.get(ODM)
+    if odm is None or odm.reward not in ("train_loss", "gradnorm"):
+        return None
+    key = "loss" if odm.reward == "train_loss" else "grad_norm"
+    step = int(run.state.global_step)
+    if key not in logs or step % odm.interval:
+        return None
+    from .odm import gradnorm_reward
+
+    trained = step * _examples_per_step(run)
+    stream = odm.stream
+    logged = float(logs[key])
+    arm = stream.credit(trained, logged if key == "loss" else gradnorm_reward(logged))
+    _write_update(run, odm, step, trained, credited=stream.names[arm], **{key: logged},
+                  rewards=dict(zip(stream.names, stream.mixer.last_loss)))
     return None
+
+
+@hookimpl
+def on_step(run):
+    """entropy rewards and validation_loss: at every update step (after the optimizer step,
+    as fms-acceleration's patched ``Trainer._evaluate``) the model is run over each dataset's
+    validation split and the mixer is updated with the reward vector."""
+    odm = run.config.stash.get(ODM)
+    step = int(run.state.global_step)
+    if odm is None or not odm.validation or step % odm.interval:
+        return None
+    rewards, counts = validation_rewards(run.trainer, odm.reward,
+                                         [odm.validation[n] for n in odm.stream.names])
+    odm.stream.update(rewards, counts)
+    names = odm.stream.names
+    _write_update(run, odm, step, step * _examples_per_step(run),
+                  rewards=dict(zip(names, rewards)), counts=dict(zip(names, counts)))
+    return None
+
+
+def validation_rewards(trainer, reward: str, datasets: list) -> tuple[list[float], list[float]]:
+    """``(rewards, counts)``, one per dataset: ``trainer.model`` (in eval mode, under
+    ``torch.inference_mode``, then back to train mode) is run over each dataset in order, in
+    batches of ``per_device_eval_batch_size`` rows collated with the trainer's collator.
+
+    * entropy rewards (:func:`~.odm.entropy_reward`): the sum of the per-sequence values and
+      the number of sequences, as fms-acceleration computes them, except that the entropies are
+      normalized by the model's real vocabulary size (the logits' last dimension) where
+      fms-acceleration passes 32000 whatever the model;
+    * ``validation_loss``: the mean of the model's loss (with the labels) over the dataset's
+      batches, weighted by their rows (the Trainer's ``eval_<name>_loss``), count 1 (fms
+      reads the last logged ``eval_<name>_loss``; fmtune computes it at the update, so no
+      eval_strategy is needed). A batch without a trained token has no loss and is skipped.
+    """
+    import contextlib
+
+    import torch
+
+    from .odm import entropy_reward
+
+    model, args = trainer.model, trainer.args
+    size = max(1, int(args.per_device_eval_batch_size))
+    autocast = getattr(trainer, "autocast_smart_context_manager", None)
+    was_training = model.training
+    model.eval()
+    rewards, counts = [], []
+    try:
+        with torch.inference_mode():
+            for ds in datasets:
+                total, count, rows_seen = 0.0, 0, 0
+                for start in range(0, len(ds), size):
+                    part = ds[start:start + size]
+                    rows = [{"input_ids": list(ids), "labels": list(lab)}
+                            for ids, lab in zip(part["input_ids"], part["labels"])]
+                    batch = {k: v.to(args.device) if torch.is_tensor(v) else v
+                             for k, v in trainer.data_collator(rows).items()}
+                    if reward != "validation_loss":
+                        batch.pop("labels", None)
+                    with autocast() if autocast else contextlib.nullcontext():
+                        out = model(**batch)
+                    if reward == "validation_loss":
+                        if not bool((batch["labels"] != -100).any()):
+                            continue
+                        total += float(out.loss) * len(rows)
+                        rows_seen += len(rows)
+                    else:
+                        value, n = entropy_reward(reward, out.logits, batch.get("attention_mask"),
+                                                  batch.get("position_ids"))
+                        total += value
+                        count += n
+                if reward == "validation_loss":
+                    rewards.append(total / rows_seen if rows_seen else NO_REWARD)
+                    counts.append(1.0)
+                else:
+                    rewards.append(total)
+                    counts.append(float(count) if count else 1.0)
+    finally:
+        if was_training:
+            model.train()
+    return rewards, counts
+
+
+NO_REWARD = 1e-100  # a dataset whose validation split gave no value (fms's empty buffer)
 
 
 @hookimpl
@@ -382,7 +515,7 @@ def on_train_end(run, summary):
         return
     stream = odm.stream
     trained = int(run.state.global_step) * _examples_per_step(run)
-    summary["odm"] = {"datasets": stream.names,
+    summary["odm"] = {"datasets": stream.names, "reward_type": odm.reward,
                       "sampling_ratios": dict(zip(stream.names, stream.mixer.ratios)),
                       "sampled": stream.sampled(0, trained), "updates": len(stream.updates)}
 

@@ -272,13 +272,17 @@ ODM_KEYS = {"update_interval": int, "sampling_interval": int, "reward_type": str
             "gamma": float, "eta": float, "resume_from_checkpoint": (bool, str),
             "auto_categorize_input_column": str, "auto_categorize_num_categories": (int, str),
             "auto_categorize_model_name": str, "auto_categorize_batch_size": int}
-ODM_REWARDS = ("train_loss",)
-FMS_REWARDS = ("entropy", "entropy3_varent1", "entropy_last_token", "validation_loss", "gradnorm")
+# fms-acceleration's rewards (odm/reward.py; the names are case-insensitive, fms uppercases
+# them); entropy is fms-hf-tuning's default
+ODM_REWARDS = ("entropy", "entropy3_varent1", "entropy_last_token", "train_loss",
+               "validation_loss", "gradnorm")
+# the rewards computed on each dataset's validation split
+VALIDATION_REWARDS = ("entropy", "entropy3_varent1", "entropy_last_token", "validation_loss")
 
 
 def _odm(proc: dict, path: str) -> dict:
     """dataprocessor.odm, checked: ``{update_interval (None: eval_steps, else logging_steps),
-    sampling_interval, reward_type, gamma, eta}``."""
+    sampling_interval, reward_type (lower case; default entropy), gamma, eta}``."""
     where = f"{path}: dataprocessor.odm"
     odm = proc.get("odm")
     if odm is None:
@@ -304,11 +308,10 @@ def _odm(proc: dict, path: str) -> dict:
         raise DataError(f"{where}.resume_from_checkpoint: not a data_config key (fms-hf-tuning "
                         "sets it from --resume_from_checkpoint); resume with "
                         "--resume_from_checkpoint")
-    reward = odm.get("reward_type")
+    reward = odm.get("reward_type", "entropy").lower()
     if reward not in ODM_REWARDS:
-        given = ("not given (fms-hf-tuning's default is entropy)" if reward is None
-                 else f"{reward!r} is not supported")
-        raise DataError(f"{where}.reward_type: {given}; supported: {', '.join(ODM_REWARDS)}")
+        raise DataError(f"{where}.reward_type: {odm['reward_type']!r} is not a reward"
+                        f"{suggest(reward, ODM_REWARDS)}; one of {', '.join(ODM_REWARDS)}")
     out = {"update_interval": odm.get("update_interval"),
            "sampling_interval": odm.get("sampling_interval", 1), "reward_type": reward,
            "gamma": float(odm.get("gamma", 0.1)), "eta": float(odm.get("eta", 0.3))}
@@ -380,7 +383,9 @@ class Prepared:
     # dataprocessor.type: odm: each dataset's train split, by name (``train`` is then their
     # concatenation, which preprocess writes; training mixes ``parts`` online)
     parts: dict[str, Any] | None = None
-    odm: dict[str, Any] | None = None  # dataprocessor.odm, with seed, weights and source
+    # dataprocessor.odm, with seed, weights, source and ``validation``: each mixed dataset's
+    # validation split by name (the entropy and validation_loss rewards are computed on them)
+    odm: dict[str, Any] | None = None
 
 
 def apply_step(ds, step: Step, registry: Registry, tokenizer, config, chat_template, where: str,
@@ -772,6 +777,10 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
     parts = odm = None
     if dc.odm is not None:
         parts = {spec.name: ds for spec, ds in train_parts}
+        # ``valids`` holds, in order, the validation split of each dataset that gives one
+        # (then validation_data_path's)
+        named = [spec.name for spec in dc.datasets if spec.fractions()[1] > 0]
         odm = {**dc.odm, "seed": dc.seed, "source": dc.source,
-               "weights": {spec.name: spec.sampling for spec, _ in train_parts}}
+               "weights": {spec.name: spec.sampling for spec, _ in train_parts},
+               "validation": {name: ds for name, ds in zip(named, valids) if name in parts}}
     return Prepared(train, validation, counts, used, parts, odm)

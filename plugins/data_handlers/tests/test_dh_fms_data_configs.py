@@ -531,13 +531,11 @@ def test_duplicate_columns_refuses_an_existing_column(tmp_path, chat_tok):
 
 
 ODM_REFUSED = [
-    # fms-hf-tuning's example (tests/artifacts/predefined_data_configs/multiple_datasets_with_odm)
-    ("reward_type: validation_loss", 2, "dataprocessor.odm.reward_type: 'validation_loss' is "
-     "not supported; supported: train_loss"),
-    ("reward_type: entropy", 2, "dataprocessor.odm.reward_type: 'entropy' is not supported; "
-     "supported: train_loss"),
-    ("gamma: 0.1", 2, "dataprocessor.odm.reward_type: not given (fms-hf-tuning's default is "
-     "entropy); supported: train_loss"),
+    ("reward_type: perplexity", 2, "dataprocessor.odm.reward_type: 'perplexity' is not a reward; "
+     "one of entropy, entropy3_varent1, entropy_last_token, train_loss, validation_loss, "
+     "gradnorm"),
+    ("reward_type: Entropy_Last", 2, "dataprocessor.odm.reward_type: 'Entropy_Last' is not a "
+     "reward (did you mean 'entropy_last_token'?); one of entropy, "),
     ("reward_type: train_loss", 1, "datasets: type: odm mixes datasets: give two or more"),
     ("{reward_type: train_loss, auto_categorize_input_column: input}", 1,
      "dataprocessor.odm.auto_categorize_input_column: auto-categorizing a dataset is not "
@@ -546,6 +544,58 @@ ODM_REFUSED = [
      "mean 'gamma'?)"),
     ("{reward_type: train_loss, eta: 0}", 2, "dataprocessor.odm.eta: must be positive, got 0.0"),
 ]
+
+
+@pytest.mark.parametrize("given, reward", [
+    # fms-hf-tuning's example (tests/artifacts/predefined_data_configs/multiple_datasets_with_odm)
+    ("reward_type: validation_loss", "validation_loss"),
+    ("gamma: 0.1", "entropy"),  # fms-hf-tuning's default
+    ("reward_type: ENTROPY3_VARENT1", "entropy3_varent1"),  # fms uppercases the name
+    ("reward_type: GradNorm", "gradnorm"),
+])
+def test_online_data_mixing_rewards_accepted(tmp_path, given, reward):
+    from fmtune_data_handlers.handlers import collect
+    from fmtune_data_handlers.processing import read_data_config
+
+    sampled_datasets(tmp_path, 2)
+    cfg = write_config(tmp_path, f"""
+        dataprocessor:
+          type: odm
+          odm: {{{given}}}
+        datasets:
+          - name: dataset_1
+            split: {{train: 0.8, validation: 0.2}}
+            data_paths: [d1.jsonl]
+          - name: dataset_2
+            split: {{train: 0.8, validation: 0.2}}
+            data_paths: [d2.jsonl]
+    """)
+    config, pm = configure(tmp_path, "--data_config_path", cfg, "--max_steps", "4")
+    assert read_data_config(cfg, collect(pm, config)).odm["reward_type"] == reward
+    validate(config, pm)  # no problem: each dataset has a validation split
+
+
+@pytest.mark.parametrize("given", ["gamma: 0.1", "reward_type: validation_loss"])
+def test_a_validation_reward_refuses_a_dataset_without_validation_split(tmp_path, given):
+    sampled_datasets(tmp_path, 3)
+    cfg = write_config(tmp_path, f"""
+        dataprocessor:
+          type: odm
+          odm: {{{given}}}
+        datasets:
+          - name: dataset_1
+            split: {{train: 0.8, validation: 0.2}}
+            data_paths: [d1.jsonl]
+          - name: dataset_2
+            data_paths: [d2.jsonl]
+          - name: dataset_3
+            split: {{train: 1.0}}
+            data_paths: [d3.jsonl]
+    """)
+    reward = "entropy" if given.startswith("gamma") else "validation_loss"
+    refused(tmp_path, cfg, f"dataprocessor.odm.reward_type {reward} computes each dataset's "
+            "reward on its validation split; datasets[dataset_2], datasets[dataset_3] have none "
+            "(add split: {train: 0.9, validation: 0.1})", "--max_steps", "4")
 
 
 @pytest.mark.parametrize("odm, datasets, needle", ODM_REFUSED)

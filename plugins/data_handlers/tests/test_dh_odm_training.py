@@ -160,3 +160,208 @@ def test_refused_before_anything_loads(model, data_config, tmp_path, extra, need
     errors = [x for x in res.stderr.splitlines() if x.startswith("fmtune: error:")]
     assert len(errors) == 1 and f"{data_config}: {needle}" in errors[0], res.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------- rewards on the validation splits, and gradnorm
+
+def reward_config(tmp_path, reward: str | None, interval: int = 2, hard_split: bool = True):
+    """easy (8 identical records) and hard (40 random ones), each split 3/4 train, 1/4
+    validation (2 and 10 records); reward_type omitted when ``reward`` is None."""
+    write_jsonl(tmp_path / "easy.jsonl", [EASY] * 8)
+    write_jsonl(tmp_path / "hard.jsonl", hard_records())
+    split = "\n    split: {train: 0.75, validation: 0.25}"
+    cfg = tmp_path / f"odm-{reward}.yaml"
+    cfg.write_text(f"""
+dataprocessor:
+  type: odm
+  seed: 66
+  odm:
+    update_interval: {interval}
+    sampling_interval: 4{'' if reward is None else f'''
+    reward_type: {reward}'''}
+    gamma: 0.3
+    eta: 0.3
+datasets:
+  - name: easy
+    sampling: 0.5{split}
+    data_paths: [{tmp_path / "easy.jsonl"}]
+  - name: hard
+    sampling: 0.5{split if hard_split else ''}
+    data_paths: [{tmp_path / "hard.jsonl"}]
+""")
+    return str(cfg)
+
+
+class Trained:
+    """The training batches (not the reward computation's eval forwards), the logged
+    grad_norms, and at the end the model and each dataset's validation split."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.grad_norms: list[float] = []
+        self.model = self.validation = None
+
+    @hookimpl
+    def on_train_begin(self, run):
+        run.model.register_forward_pre_hook(
+            lambda m, a, kw: self.batches.append(kw["input_ids"].tolist()) if m.training
+            else None, with_kwargs=True)
+
+    @hookimpl
+    def on_log(self, run, logs):
+        if "grad_norm" in logs:
+            self.grad_norms.append(float(logs["grad_norm"]))
+
+    @hookimpl
+    def on_train_end(self, run):
+        from fmtune_data_handlers.plugin import ODM
+
+        self.model, self.validation = run.model, run.config.stash[ODM].validation
+
+
+def by_hand(model, ds):
+    """Each validation sequence run alone: its normalized mean entropy (log of the model's
+    vocabulary) and its summed loss over the trained labels and their number."""
+    import math
+
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids, labels in zip(ds["input_ids"], ds["labels"]):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            h = -(logp.exp() * logp).sum(-1)[:-1]
+            targets = [(t, labels[t + 1]) for t in range(len(ids) - 1) if labels[t + 1] != -100]
+            out.append((float(h.mean()) / math.log(logp.shape[-1]),
+                        -sum(float(logp[t, y]) for t, y in targets), len(targets)))
+    return out
+
+
+def exp3_ratios(lines, gamma=0.3, eta=0.3, names=("easy", "hard")):
+    """The ratios after each logged update, recomputed from the logged rewards and counts."""
+    import math
+
+    w, ratio, got = [0.5, 0.5], [0.5, 0.5], []
+    for x in lines:
+        counts = x.get("counts") or dict.fromkeys(names, 1)
+        w = [w[k] * math.exp(eta * x["rewards"][n] / counts[n] / ratio[k] / 2)
+             for k, n in enumerate(names)]
+        ratio = [(1 - gamma) * wk / sum(w) + gamma / 2 for wk in w]
+        got.append(dict(zip(names, ratio)))
+    return got
+
+
+def test_entropy_is_the_default_reward(model, tmp_path):
+    cfg = reward_config(tmp_path, None)
+    out = tmp_path / "out"
+    seen = Trained()
+    train(argv(model, cfg, out, "--max_steps", "12", "--per_device_eval_batch_size", "3"),
+          plugins=[seen])
+    lines = odm_log(out)
+    assert [x["step"] for x in lines] == [2, 4, 6, 8, 10, 12]
+    assert {x["reward_type"] for x in lines} == {"entropy"}
+    assert all(x["counts"] == {"easy": 2, "hard": 10} for x in lines)  # the validation splits
+    assert len(seen.batches) == 12  # 12 training steps; the reward forwards are not training
+    for got, want in zip(lines, exp3_ratios(lines)):
+        assert got["sampling_ratios"] == pytest.approx(want, rel=1e-9)
+    # the last update's rewards: the trained model's entropies of the validation sequences
+    for name in ("easy", "hard"):
+        want = by_hand(seen.model, seen.validation[name])
+        assert len(want) == lines[0]["counts"][name]
+        assert lines[-1]["rewards"][name] == pytest.approx(sum(h for h, _, _ in want), rel=1e-4)
+    # the easy record is learnt: its entropy falls below the hard ones', which gain weight
+    first, last = lines[0]["rewards"], lines[-1]["rewards"]
+    assert last["easy"] / 2 < first["easy"] / 2 and last["easy"] / 2 < last["hard"] / 10
+    ratios = [x["sampling_ratios"]["hard"] for x in lines]
+    assert len(set(ratios)) == 6 and ratios[-1] > ratios[-2] > ratios[0] > 0.5
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["odm"]["reward_type"] == "entropy" and summary["odm"]["updates"] == 6
+
+
+def test_entropy_resume_equals_the_uninterrupted_run(model, tmp_path):
+    cfg = reward_config(tmp_path, "ENTROPY3_VARENT1")  # upper case, as fms writes it
+    saving = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4"]
+    whole = Trained()
+    train(argv(model, cfg, tmp_path / "a", *saving), plugins=[whole])
+    full = odm_log(tmp_path / "a")
+    state = json.loads((tmp_path / "a" / "checkpoint-4" / "odm_state.json").read_text())
+    assert state["reward_type"] == "entropy3_varent1"
+    assert [u[1:] for u in state["updates"]] == [
+        [[x["rewards"]["easy"], x["rewards"]["hard"]], [2.0, 10.0]] for x in full[:2]]
+    resumed = Trained()
+    train(argv(model, cfg, tmp_path / "r", *saving, "--resume_from_checkpoint",
+               str(tmp_path / "a" / "checkpoint-4")), plugins=[resumed])
+    assert resumed.batches == whole.batches[4:]
+    rest = odm_log(tmp_path / "r")
+    assert [x["step"] for x in rest] == [6, 8]
+    for got, want in zip(rest, full[2:]):
+        assert got["sampled"] == want["sampled"]
+        assert got["rewards"] == pytest.approx(want["rewards"], rel=1e-5)
+        assert got["sampling_ratios"] == pytest.approx(want["sampling_ratios"], rel=1e-6)
+
+
+def test_validation_loss_reward(model, tmp_path):
+    cfg = reward_config(tmp_path, "validation_loss")
+    out = tmp_path / "out"
+    seen = Trained()
+    train(argv(model, cfg, out, "--max_steps", "6", "--per_device_eval_batch_size", "16"),
+          plugins=[seen])
+    lines = odm_log(out)
+    assert [x["step"] for x in lines] == [2, 4, 6]
+    assert all(x["counts"] == {"easy": 1, "hard": 1} for x in lines)
+    for got, want in zip(lines, exp3_ratios(lines)):
+        assert got["sampling_ratios"] == pytest.approx(want, rel=1e-9)
+    # one batch per split: the mean loss over its trained tokens, with the trained model
+    for name in ("easy", "hard"):
+        want = by_hand(seen.model, seen.validation[name])
+        assert lines[-1]["rewards"][name] == pytest.approx(
+            sum(s for _, s, _ in want) / sum(n for _, _, n in want), rel=1e-4)
+    assert lines[-1]["rewards"]["easy"] < lines[0]["rewards"]["easy"]
+    assert lines[-1]["rewards"]["easy"] < lines[-1]["rewards"]["hard"]
+
+
+def test_gradnorm_reward(model, tmp_path):
+    cfg = reward_config(tmp_path, "gradnorm", interval=1, hard_split=False)
+    out = tmp_path / "out"
+    seen = Trained()
+    train(argv(model, cfg, out, "--max_steps", "6"), plugins=[seen])
+    lines = odm_log(out)
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    assert [x["grad_norm"] for x in lines] == pytest.approx(seen.grad_norms)
+    buffer = {"easy": 1e-100, "hard": 1e-100}
+    for x in lines:  # each batch is one dataset, credited with 1 / (grad_norm + 0.0001)
+        assert x["credited"] == max(x["sampled"], key=x["sampled"].get)
+        buffer[x["credited"]] = 1 / (x["grad_norm"] + 0.0001)
+        assert x["rewards"] == pytest.approx(buffer, rel=1e-12)
+    for got, want in zip(lines, exp3_ratios(lines)):
+        assert got["sampling_ratios"] == pytest.approx(want, rel=1e-9)
+    assert len({x["sampling_ratios"]["hard"] for x in lines}) == 6
+
+
+def test_a_validation_reward_needs_every_validation_split(model, tmp_path):
+    cfg = reward_config(tmp_path, None, hard_split=False)
+    res = run_cli(argv(model, cfg, tmp_path / "o"))
+    assert res.exit_code == 2
+    errors = [x for x in res.stderr.splitlines() if x.startswith("fmtune: error:")]
+    assert errors == [f"fmtune: error: invalid config: {cfg}: dataprocessor.odm.reward_type "
+                      "entropy computes each dataset's reward on its validation split; "
+                      "datasets[hard] has none (add split: {train: 0.9, validation: 0.1})"], \
+        res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("reward, extra, needle", [
+    ("gradnorm", ["--max_grad_norm", "0"], "dataprocessor.odm.reward_type gradnorm is computed "
+     "from the logged grad_norm, which the Trainer computes only with max_grad_norm > 0 (got "
+     "max_grad_norm 0)"),
+    ("gradnorm", ["--logging_steps", "2"], "dataprocessor.odm.update_interval: 1 is not a "
+     "multiple of logging_steps 2 (the gradnorm reward is the logged grad_norm)"),
+])
+def test_gradnorm_refusals(model, tmp_path, reward, extra, needle):
+    cfg = reward_config(tmp_path, reward, interval=1, hard_split=False)
+    res = run_cli([*argv(model, cfg, tmp_path / "o"), *extra])
+    assert res.exit_code == 2
+    errors = [x for x in res.stderr.splitlines() if x.startswith("fmtune: error:")]
+    assert errors == [f"fmtune: error: invalid config: {cfg}: {needle}"], res.stderr
+    assert not (tmp_path / "o").exists()
