@@ -527,6 +527,8 @@ def sample_with_plugins(run: Run) -> None:
 
         if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or \
                 not hasattr(dataset, "__len__") or _is_stream(dataset):
+            if dataset is not None:
+                each_rank_reads_the_stream(trainer)
             return own()
         args = trainer.args
         sampler = run.pm.hook.train_batch_sampler(
@@ -537,6 +539,24 @@ def sample_with_plugins(run: Run) -> None:
         return batch_sampler_dataloader(trainer, dataset, sampler)
 
     trainer.get_train_dataloader = get_train_dataloader
+
+
+def each_rank_reads_the_stream(trainer: Any) -> None:
+    """Several processes training on a stream (an iterable dataset): every process reads it
+    and keeps its share of each round of batches (accelerate's ``dispatch_batches=False``:
+    ``IterableDatasetShard``, or datasets' ``split_dataset_by_node``), as fms-hf-tuning sets it
+    for online data mixing. accelerate's default for a stream, process 0 reading every
+    process's batch and sending each a slice of their concatenation, stops the run with a
+    RuntimeError as soon as two batches differ in length (batches padded to their longest
+    example, padding-free rows). A ``dispatch_batches`` given in ``--accelerator_config`` is
+    kept."""
+    args = trainer.args
+    if args.world_size <= 1:
+        return
+    given = getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None)
+    config = getattr(getattr(trainer, "accelerator", None), "dataloader_config", None)
+    if given is None and config is not None:
+        config.dispatch_batches = False
 
 
 def _is_stream(dataset: Any) -> bool:

@@ -153,9 +153,6 @@ def _odm_problems(config, dc) -> list[str]:
     if (config.get("dataloader_num_workers") or 0) > 0:
         problems.append(f"{where} needs dataloader_num_workers 0 (the mixer's weights are "
                         "updated in the training process)")
-    world = max(int(os.environ.get("WORLD_SIZE") or 1), int(config.get("num_processes") or 1))
-    if world > 1:
-        problems.append(f"{where}: online mixing runs in one process (got {world})")
     from .processing import VALIDATION_REWARDS
 
     reward = dc.odm["reward_type"]
@@ -371,8 +368,13 @@ def on_train_begin(run):
 
 
 def _examples_per_step(run) -> int:
+    """Examples drawn from the mixing stream per optimizer step, all processes together: with
+    several processes every one reads the same stream (same seed, same updates, from the same
+    logged values) and trains its share of each round of batches (the core's
+    ``dispatch_batches=False``, as fms-hf-tuning sets it for online mixing)."""
     args = run.trainer.args
-    return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
+    return (int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
+            * int(args.world_size))
 
 
 def _write_update(run, odm, step: int, trained: int, **fields) -> None:

@@ -365,3 +365,85 @@ def test_gradnorm_refusals(model, tmp_path, reward, extra, needle):
     errors = [x for x in res.stderr.splitlines() if x.startswith("fmtune: error:")]
     assert errors == [f"fmtune: error: invalid config: {cfg}: {needle}"], res.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ several processes
+
+ODM_DRIVER = '''
+import json, os, sys
+from fmtune import hookimpl
+from fmtune.cli import main
+
+class Seen:
+    rows = []
+    @hookimpl
+    def on_train_begin(self, run):
+        self.stream = run.trainer.train_dataset
+        run.model.register_forward_pre_hook(
+            lambda m, a, kw: self.rows.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+    @hookimpl
+    def on_train_end(self, run):
+        rank = int(os.environ["RANK"])
+        with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+            json.dump({"rows": self.rows, "ratios": self.stream.mixer.ratios,
+                       "updates": [list(u) for u in self.stream.updates]}, f)
+
+sys.exit(main(sys.argv[2:], extra_plugins=[Seen()]))
+'''
+
+
+def test_two_processes_train_their_shares_of_one_mixed_stream(model, data_config, tmp_path):
+    """Every process reads the same mixed stream (same seed, same updates from the same logged
+    loss) and trains its share of each round of batches: rank r the r-th batch of every two,
+    padding-free (a batch is one row), as fms-hf-tuning runs online mixing on several GPUs."""
+    import os
+    import subprocess
+    import sys
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(ODM_DRIVER)
+    steps = 6
+    args = [*argv(model, data_config, tmp_path / "out", "--padding_free", "huggingface",
+                  "--max_steps", str(steps))][1:]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(driver), str(tmp_path), "train", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r["rows"]) for r in ranks] == [steps, steps]
+    # the same updates (from the same gathered loss) and ratios on both ranks, one per step
+    assert ranks[0]["updates"] == ranks[1]["updates"] and len(ranks[0]["updates"]) == steps
+    assert ranks[0]["ratios"] == ranks[1]["ratios"]
+    lines = odm_log(tmp_path / "out")
+    assert [x["step"] for x in lines] == list(range(1, steps + 1))
+    assert sum(sum(x["sampled"].values()) for x in lines) == steps * 2 * 4  # both ranks' rows
+    # the stream replayed with the recorded updates: rank r trained batch 2k+r of it
+    from fmtune_data_handlers.odm import MixingStream
+
+    stream = replayed_stream(model, data_config, tmp_path, ranks[0]["updates"])
+    it = iter(stream)
+    batches = [[next(it) for _ in range(4)] for _ in range(2 * steps)]
+    for k in range(steps):
+        for r in (0, 1):
+            want = [t for row in batches[2 * k + r] for t in row["input_ids"]]
+            assert ranks[r]["rows"][k] == want
+    assert ranks[0]["rows"] != ranks[1]["rows"]
+    assert isinstance(stream, MixingStream)
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["odm"]["updates"] == steps
+
+
+def replayed_stream(model, data_config, tmp_path, updates):
+    """The run's mixing stream built again from the same data and config, set to replay
+    ``updates`` (as a resumed run does)."""
+    from fmtune.commands import load_config, validate
+    from fmtune_data_handlers.plugin import mixing_stream, prepare
+
+    config, pm, _, _ = load_config([*argv(model, data_config, tmp_path / "again")][1:])
+    validate(config, pm)
+    prepared = prepare(config, pm.hook.load_tokenizer(config=config), pm)
+    stream = mixing_stream(config, prepared.parts, prepared.odm)
+    stream.load_state_dict({"datasets": stream.names, "reward_type": "train_loss",
+                            "updates": updates})
+    return stream

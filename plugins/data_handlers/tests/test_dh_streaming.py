@@ -173,3 +173,68 @@ def test_preprocess_writes_a_stream(tmp_path, chat_model_dir):
     assert "train: streamed, not counted" in res.stdout
     assert tables[0].schema.remove_metadata() == tables[1].schema.remove_metadata()
     assert tables[0].to_pylist() == tables[1].to_pylist()
+
+
+STREAM_DRIVER = '''
+import json, os, sys
+from fmtune import hookimpl
+from fmtune.cli import main
+
+class Seen:
+    rows = []
+    @hookimpl
+    def on_train_begin(self, run):
+        run.model.register_forward_pre_hook(lambda m, a, kw: self.rows.append(
+            (kw["input_ids"][0].tolist(), kw["position_ids"][0].tolist())), with_kwargs=True)
+    @hookimpl
+    def on_train_end(self, run):
+        with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(self.rows, f)
+
+sys.exit(main(sys.argv[2:], extra_plugins=[Seen()]))
+'''
+
+
+def test_two_processes_each_train_their_share_of_a_stream(tmp_path, chat_model_dir, chat_tok):
+    """Several processes on a stream with padding-free batches (rows of different lengths):
+    each process reads the stream and trains its share; every example once over the epoch.
+    (accelerate's default for streams, process 0 sending slices of concatenated batches,
+    stopped such a run with a RuntimeError.)"""
+    import os
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "d.jsonl", [{"input": r["input"] + " x" * i, "output": r["output"]}
+                                       for i, r in enumerate(IO * 2)])
+    cfg = tmp_path / "stream.yaml"
+    cfg.write_text(json.dumps({"dataprocessor": {"streaming": True},
+                               "datasets": [{"name": "d", "data_paths": [str(tmp_path /
+                                                                             "d.jsonl")]}]}))
+    (tmp_path / "driver.py").write_text(STREAM_DRIVER)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "driver.py"), str(tmp_path), "train", "--model_name_or_path",
+         chat_model_dir, "--data_config_path", str(cfg), "--output_dir", str(tmp_path / "out"),
+         "--padding_free", "huggingface", "--per_device_train_batch_size", "2",
+         "--max_steps", "5", "--save_strategy", "no"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+    def examples(rows):  # a padding-free row split where its positions restart
+        out = []
+        for ids, positions in rows:
+            for t, p in zip(ids, positions):
+                if p == 0:
+                    out.append([])
+                out[-1].append(t)
+        return out
+
+    ranks = [examples(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [10, 10]  # 5 steps x 2 examples on each
+    config, pm, _, _ = load_config(["--plugins", "data_handlers", "--model_name_or_path", "m",
+                                    "--output_dir", str(tmp_path / "o"), "--training_data_path",
+                                    str(tmp_path / "d.jsonl")])
+    validate(config, pm)
+    every = [list(r["input_ids"]) for r in prepare(config, chat_tok, pm).train]
+    assert sorted(ranks[0] + ranks[1]) == sorted(every)  # disjoint, and all 20 of them
