@@ -14,6 +14,8 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +188,22 @@ def train(argv: list[str], plugins: Iterable[Any] = ()) -> RunRecorder:
         raise AssertionError(f"fmtune exited {res.exit_code}:\n{res.stderr[-3000:]}")
     rec.result = res
     return rec
+
+
+def torchrun(script: str | os.PathLike, *args: str, cwd: str | os.PathLike,
+             nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC SCRIPT ARGS`` in
+    ``cwd`` (a driver script that calls ``fmtune.cli.main`` with in-test plugins, say), without
+    the launcher variables of an enclosing run; a non-zero exit raises AssertionError with the
+    end of stderr."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", str(nproc), str(script), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"torchrun exited {proc.returncode}:\n{proc.stderr[-5000:]}")
+    return proc
 
 
 def wrapped_model(model_dir: str, output_dir: str | os.PathLike, *extra: str):

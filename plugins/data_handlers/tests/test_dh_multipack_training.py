@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from fmtune import hookimpl
-from fmtune.testing import build_tiny_model, run_cli, train, train_argv, write_jsonl
+from fmtune.testing import build_tiny_model, run_cli, torchrun, train, train_argv, write_jsonl
 from fmtune_data_handlers.multipack import MultipackBatchSampler
 
 WORDS = ["the", "red", "cat", "sees", "a", "dog", "quick", "brown", "fox", "jumps", "over",
@@ -180,12 +178,7 @@ def test_two_processes_get_disjoint_bins(model, data, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     argv = [*train_argv(model, data, tmp_path / "out"), *MP, "--num_train_epochs", "1"]
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(driver), str(tmp_path), *argv],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(driver, str(tmp_path), *argv, cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     ids = ranks[0]["ids"]
@@ -202,14 +195,9 @@ def test_two_processes_get_disjoint_bins(model, data, tmp_path):
     assert summary["world_size"] == 2 and summary["global_step"] == len(want[0])
 
 
-def torchrun(driver, folder, argv):
+def ranks_rows(driver, folder, argv):
     folder.mkdir(exist_ok=True)
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(driver), str(folder), *argv],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(driver, str(folder), *argv, cwd=folder)
     return [json.loads((folder / f"rank{r}.json").read_text())["rows"] for r in (0, 1)]
 
 
@@ -217,12 +205,12 @@ def test_two_processes_resume_in_the_second_epoch_with_the_same_bins(model, data
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     common = [*MP, "--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "1"]
-    whole = torchrun(driver, tmp_path / "whole", [*train_argv(model, data, tmp_path / "a"),
+    whole = ranks_rows(driver, tmp_path / "whole", [*train_argv(model, data, tmp_path / "a"),
                                                   *common])
     steps = len(whole[0])
     assert steps == len(whole[1]) >= 4 and steps % 2 == 0
     ckpt = steps // 2 + 1  # the first step of the second epoch is trained, the rest resumed
-    resumed = torchrun(driver, tmp_path / "resumed", [
+    resumed = ranks_rows(driver, tmp_path / "resumed", [
         *train_argv(model, data, tmp_path / "r"), *common,
         "--resume_from_checkpoint", str(tmp_path / "a" / f"checkpoint-{ckpt}")])
     assert resumed == [whole[0][ckpt:], whole[1][ckpt:]]

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from fmtune import hookimpl
-from fmtune.testing import build_tiny_model, run_cli, train, write_jsonl
+from fmtune.testing import build_tiny_model, run_cli, torchrun, train, write_jsonl
 
 WORDS = ["the", "red", "cat", "sees", "a", "dog", "quick", "brown", "fox", "jumps", "over",
          "lazy", "hello", "there", "four", "two", "plus", "yes", "no", "true", "false"]
@@ -396,20 +396,12 @@ def test_two_processes_train_their_shares_of_one_mixed_stream(model, data_config
     """Every process reads the same mixed stream (same seed, same updates from the same logged
     loss) and trains its share of each round of batches: rank r the r-th batch of every two,
     padding-free (a batch is one row), as fms-hf-tuning runs online mixing on several GPUs."""
-    import os
-    import subprocess
-    import sys
-
     driver = tmp_path / "driver.py"
     driver.write_text(ODM_DRIVER)
     steps = 6
-    args = [*argv(model, data_config, tmp_path / "out", "--padding_free", "huggingface",
-                  "--max_steps", str(steps))][1:]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(driver), str(tmp_path), "train", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(driver, str(tmp_path), *argv(model, data_config, tmp_path / "out", "--padding_free",
+                                          "huggingface", "--max_steps", str(steps)),
+             cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [len(r["rows"]) for r in ranks] == [steps, steps]
     # the same updates (from the same gathered loss) and ratios on both ranks, one per step

@@ -13,7 +13,7 @@ import pytest
 from datasets import Dataset
 
 from fmtune.commands import load_config, validate
-from fmtune.testing import run_cli, write_jsonl
+from fmtune.testing import run_cli, torchrun, write_jsonl
 from fmtune_data_handlers.handlers import BUILTIN
 from fmtune_data_handlers.plugin import prepare
 
@@ -200,10 +200,6 @@ def test_two_processes_each_train_their_share_of_a_stream(tmp_path, chat_model_d
     each process reads the stream and trains its share; every example once over the epoch.
     (accelerate's default for streams, process 0 sending slices of concatenated batches,
     stopped such a run with a RuntimeError.)"""
-    import os
-    import subprocess
-    import sys
-
     write_jsonl(tmp_path / "d.jsonl", [{"input": r["input"] + " x" * i, "output": r["output"]}
                                        for i, r in enumerate(IO * 2)])
     cfg = tmp_path / "stream.yaml"
@@ -211,15 +207,11 @@ def test_two_processes_each_train_their_share_of_a_stream(tmp_path, chat_model_d
                                "datasets": [{"name": "d", "data_paths": [str(tmp_path /
                                                                              "d.jsonl")]}]}))
     (tmp_path / "driver.py").write_text(STREAM_DRIVER)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "driver.py"), str(tmp_path), "train", "--model_name_or_path",
-         chat_model_dir, "--data_config_path", str(cfg), "--output_dir", str(tmp_path / "out"),
-         "--padding_free", "huggingface", "--per_device_train_batch_size", "2",
-         "--max_steps", "5", "--save_strategy", "no"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(tmp_path / "driver.py", str(tmp_path), "train", "--model_name_or_path",
+             chat_model_dir, "--data_config_path", str(cfg), "--output_dir",
+             str(tmp_path / "out"), "--padding_free", "huggingface",
+             "--per_device_train_batch_size", "2", "--max_steps", "5", "--save_strategy", "no",
+             cwd=tmp_path)
 
     def examples(rows):  # a padding-free row split where its positions restart
         out = []
