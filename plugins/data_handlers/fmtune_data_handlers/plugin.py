@@ -153,6 +153,8 @@ def _odm_problems(config, dc) -> list[str]:
     if (config.get("dataloader_num_workers") or 0) > 0:
         problems.append(f"{where} needs dataloader_num_workers 0 (the mixer's weights are "
                         "updated in the training process)")
+    if dc.odm.get("auto_categorize_input_column"):
+        problems += _auto_categorize_problems(dc)
     from .processing import VALIDATION_REWARDS
 
     reward = dc.odm["reward_type"]
@@ -176,6 +178,32 @@ def _odm_problems(config, dc) -> list[str]:
         problems.append(f"{dc.source}: dataprocessor.odm.reward_type gradnorm is computed from "
                         "the logged grad_norm, which the Trainer computes only with "
                         "max_grad_norm > 0 (got max_grad_norm 0)")
+    return problems
+
+
+def _auto_categorize_problems(dc) -> list[str]:
+    """What auto-categorizing needs, checked before anything loads: scikit-learn (KMeans) and
+    an embedding model that is a folder, in the Hugging Face cache, or downloadable."""
+    import importlib.util
+
+    from .autocategorize import DEFAULT_MODEL
+
+    where = f"{dc.source}: dataprocessor.odm.auto_categorize_input_column"
+    problems = []
+    if importlib.util.find_spec("sklearn") is None:
+        problems.append(f"{where}: clustering needs scikit-learn (pip install "
+                        "'fmtune-data-handlers[odm-auto]')")
+    name = dc.odm.get("auto_categorize_model_name") or DEFAULT_MODEL
+    if not os.path.isdir(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not a hub id
+            problems.append(f"{where}: embedding model {name}: no such folder")
+        elif offline and not isinstance(try_to_load_from_cache(name, "modules.json"), str):
+            problems.append(f"{where}: embedding model {name} is not a local folder and not in "
+                            "the Hugging Face cache, and HF_HUB_OFFLINE is set; set "
+                            "auto_categorize_model_name to a local sentence-transformers folder")
     return problems
 
 

@@ -257,9 +257,15 @@ def read_data_config(path: str, registry: Registry) -> DataConfig:
             raise DataError(f"{path}: dataprocessor.streaming: not supported with type: odm "
                             "(the mixer draws from datasets with a length)")
         trained = [s.name for s in specs if s.fractions()[0] > 0]
-        if len(trained) < 2:
+        auto = odm.get("auto_categorize_input_column")
+        if auto and len(specs) != 1:
+            raise DataError(f"{path}: dataprocessor.odm.auto_categorize_input_column splits one "
+                            f"dataset into categories; this config lists {len(specs)} datasets "
+                            "(they are the categories: remove the auto_categorize keys)")
+        if len(trained) < 2 and not auto:
             raise DataError(f"{path}: datasets: type: odm mixes datasets: give two or more with "
-                            "a train split (auto-categorizing one dataset is not supported)")
+                            "a train split, or one with dataprocessor.odm."
+                            "auto_categorize_input_column to cluster it into categories")
         if len(set(trained)) < len(trained):
             raise DataError(f"{path}: datasets: type: odm: dataset names must differ (they name "
                             "the mixer's arms)")
@@ -293,17 +299,33 @@ def _odm(proc: dict, path: str) -> dict:
     for key, value in odm.items():
         if key not in ODM_KEYS:
             raise DataError(f"{where}.{key}: unknown key{suggest(str(key), ODM_KEYS)}; allowed: "
-                            f"{', '.join(k for k in ODM_KEYS if not k.startswith('auto_') and k != 'resume_from_checkpoint')}")
+                            f"{', '.join(k for k in ODM_KEYS if k != 'resume_from_checkpoint')}")
         want = ODM_KEYS[key]
         ok = isinstance(value, want) if want is not float else isinstance(value, (int, float))
         if not ok or isinstance(value, bool) and want in (int, float):
             raise DataError(f"{where}.{key}: must be "
                             f"{want.__name__ if isinstance(want, type) else want[0].__name__}, "
                             f"got {value!r}")
-    for key in odm:
-        if key.startswith("auto_categorize"):
-            raise DataError(f"{where}.{key}: auto-categorizing a dataset is not supported; give "
-                            "the categories as datasets")
+    auto = {}
+    if any(key.startswith("auto_categorize") for key in odm):
+        if not odm.get("auto_categorize_input_column"):
+            raise DataError(f"{where}.auto_categorize_input_column: required to auto-categorize "
+                            "(fms-hf-tuning's switch; the tokenized examples are clustered)")
+        k = odm.get("auto_categorize_num_categories")
+        if k is not None:
+            try:
+                k = int(k)  # fms-hf-tuning's example writes "3"
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise DataError(f"{where}.auto_categorize_num_categories: must be a positive "
+                                f"number, got {odm['auto_categorize_num_categories']!r}")
+        size = odm.get("auto_categorize_batch_size", 64)
+        if size < 1:
+            raise DataError(f"{where}.auto_categorize_batch_size: must be at least 1, got {size}")
+        auto = {"auto_categorize_input_column": odm["auto_categorize_input_column"],
+                "auto_categorize_num_categories": k, "auto_categorize_batch_size": size,
+                "auto_categorize_model_name": odm.get("auto_categorize_model_name")}
     if "resume_from_checkpoint" in odm:
         raise DataError(f"{where}.resume_from_checkpoint: not a data_config key (fms-hf-tuning "
                         "sets it from --resume_from_checkpoint); resume with "
@@ -314,7 +336,7 @@ def _odm(proc: dict, path: str) -> dict:
                         f"{suggest(reward, ODM_REWARDS)}; one of {', '.join(ODM_REWARDS)}")
     out = {"update_interval": odm.get("update_interval"),
            "sampling_interval": odm.get("sampling_interval", 1), "reward_type": reward,
-           "gamma": float(odm.get("gamma", 0.1)), "eta": float(odm.get("eta", 0.3))}
+           "gamma": float(odm.get("gamma", 0.1)), "eta": float(odm.get("eta", 0.3)), **auto}
     for key in ("update_interval", "sampling_interval"):
         if out[key] is not None and out[key] < 1:
             raise DataError(f"{where}.{key}: must be at least 1, got {out[key]}")
@@ -783,4 +805,12 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         odm = {**dc.odm, "seed": dc.seed, "source": dc.source,
                "weights": {spec.name: spec.sampling for spec, _ in train_parts},
                "validation": {name: ds for name, ds in zip(named, valids) if name in parts}}
+        if dc.odm.get("auto_categorize_input_column"):  # one dataset -> its clusters
+            from .autocategorize import categorize
+
+            (name, ds), = parts.items()
+            parts, odm["validation"] = categorize(
+                ds, odm["validation"].get(name), tokenizer, dc.odm, dc.seed,
+                bool(getattr(config, "trust_remote_code", False)))
+            odm["weights"] = dict.fromkeys(parts)
     return Prepared(train, validation, counts, used, parts, odm)

@@ -537,9 +537,11 @@ ODM_REFUSED = [
     ("reward_type: Entropy_Last", 2, "dataprocessor.odm.reward_type: 'Entropy_Last' is not a "
      "reward (did you mean 'entropy_last_token'?); one of entropy, "),
     ("reward_type: train_loss", 1, "datasets: type: odm mixes datasets: give two or more"),
-    ("{reward_type: train_loss, auto_categorize_input_column: input}", 1,
-     "dataprocessor.odm.auto_categorize_input_column: auto-categorizing a dataset is not "
-     "supported"),
+    ("{reward_type: train_loss, auto_categorize_input_column: input}", 2,
+     "dataprocessor.odm.auto_categorize_input_column splits one dataset into categories; this "
+     "config lists 2 datasets"),
+    ("{reward_type: train_loss, auto_categorize_num_categories: 3}", 1,
+     "dataprocessor.odm.auto_categorize_input_column: required to auto-categorize"),
     ("{reward_type: train_loss, gama: 0.1}", 2, "dataprocessor.odm.gama: unknown key (did you "
      "mean 'gamma'?)"),
     ("{reward_type: train_loss, eta: 0}", 2, "dataprocessor.odm.eta: must be positive, got 0.0"),
@@ -617,3 +619,53 @@ def test_online_data_mixing_refusals(tmp_path, odm, datasets, needle):
             data_paths: [d2.jsonl]
     """))
     refused(tmp_path, cfg, needle, "--max_steps", "4")
+
+
+def test_fms_single_dataset_with_odm_auto_categorize(tmp_path, monkeypatch):
+    """fms-hf-tuning's tests/artifacts/predefined_data_configs/single_dataset_with_odm.yaml,
+    as written (FILE_PATH filled in): read as one dataset to cluster into 3 categories with
+    the validation_loss reward; with HF_HUB_OFFLINE and the default embedding model
+    (Qwen/Qwen3-Embedding-0.6B) not in the cache, refused in one line before anything loads."""
+    from fmtune_data_handlers.handlers import collect
+    from fmtune_data_handlers.processing import read_data_config
+
+    sampled_datasets(tmp_path, 1)
+    cfg = write_config(tmp_path, f"""
+        dataprocessor:
+            type: odm
+            sampling_stopping_strategy: first_exhausted # ignored
+            seed: 66
+            odm:
+              update_interval: 1              # update every step
+              sampling_interval: 1            # sample category for every sample
+              reward_type: validation_loss    # uses eval loss of each dataset as reward
+              gamma: 0.1                      # MAB hyper-parameter
+              eta: 0.2                        # MAB hyper-parameter
+              auto_categorize_input_column: "input"   # Required: Input field on which we need to apply clustering for forming pseudo categories
+              auto_categorize_num_categories: "3"   # Optional: Number of categories for clustering
+                                                    # if not provided, this will be inferred based on dataset size
+        datasets:
+          - name: dataset_1
+            split:
+              train: 0.8
+              validation: 0.2 # validation set is also used in ODM reward computation when reward_type is validation_loss.
+            data_paths:
+              - "{tmp_path / 'd1.jsonl'}"
+            data_handlers:
+              - name: tokenize_and_apply_input_masking
+                arguments:
+                  remove_columns: all
+                  batched: false
+                  fn_kwargs:
+                    input_column_name: input
+                    output_column_name: output
+    """)
+    config, pm = configure(tmp_path, "--data_config_path", cfg, "--max_steps", "4")
+    odm = read_data_config(cfg, collect(pm, config)).odm
+    assert (odm["reward_type"], odm["auto_categorize_num_categories"],
+            odm["auto_categorize_input_column"]) == ("validation_loss", 3, "input")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused(tmp_path, cfg, "dataprocessor.odm.auto_categorize_input_column: embedding model "
+            "Qwen/Qwen3-Embedding-0.6B is not a local folder and not in the Hugging Face cache, "
+            "and HF_HUB_OFFLINE is set", "--max_steps", "4")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -439,3 +440,159 @@ def replayed_stream(model, data_config, tmp_path, updates):
     stream.load_state_dict({"datasets": stream.names, "reward_type": "train_loss",
                             "updates": updates})
     return stream
+
+
+# ------------------------------------------------------------------ auto-categorization
+
+TOPIC_A = ["red", "cat", "sees", "a", "dog", "quick", "brown", "fox"]
+TOPIC_B = ["two", "plus", "four", "yes", "no", "true", "false", "hello"]
+
+
+def topic_records(words: list[str], n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"input": " ".join(rng.choices(words, k=12)), "output": " ".join(rng.choices(words, k=12))}
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    """A tiny random-init Llama saved as a sentence-transformers folder (mean pooling, then
+    normalized), as Qwen3-Embedding's folder is laid out (it pools the last token)."""
+    folder = tmp_path_factory.mktemp("embedder")
+    build_tiny_model(folder, [" ".join(TOPIC_A + TOPIC_B + WORDS)] * 4, seed=3)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False, "include_prompt": True}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    return str(folder)
+
+
+def auto_config(tmp_path, embedder, extra: str = "", reward: str = "train_loss") -> str:
+    write_jsonl(tmp_path / "mixed.jsonl",
+                [r for pair in zip(topic_records(TOPIC_A, 20, 1), topic_records(TOPIC_B, 20, 2))
+                 for r in pair])
+    cfg = tmp_path / "auto.yaml"
+    cfg.write_text(f"""
+dataprocessor:
+  type: odm
+  seed: 5
+  odm:
+    update_interval: 1
+    reward_type: {reward}
+    auto_categorize_input_column: "input"
+    auto_categorize_num_categories: "2"
+    auto_categorize_model_name: {embedder}
+    auto_categorize_batch_size: 8{extra}
+datasets:
+  - name: mixed
+    split: {{train: 0.75, validation: 0.25}}
+    data_paths: [{tmp_path / "mixed.jsonl"}]
+""")
+    return str(cfg)
+
+
+def embeddings(tok, embedder, rows):
+    """Each example's text (its ids decoded) embedded alone, without padding: the mean of the
+    hidden states over its tokens after the clustering prompt, normalized."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    etok = AutoTokenizer.from_pretrained(embedder)
+    model = AutoModel.from_pretrained(embedder).eval()
+    vectors = []
+    with torch.no_grad():
+        for ids in rows:
+            text = "Identify the topic or theme based on the text: " + tok.decode(ids)
+            v = model(**etok(text, return_tensors="pt")).last_hidden_state[0].mean(0)
+            vectors.append((v / v.norm()).numpy())
+    return np.stack(vectors)
+
+
+def expected_categories(tok, embedder, rows, seed):
+    """The clusters computed independently: scikit-learn's KMeans as fms-acceleration calls
+    it, seeded, over :func:`embeddings`."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=2, n_init=10, random_state=seed)
+    return km.fit_predict(embeddings(tok, embedder, rows)), km
+
+
+def test_auto_categorize_one_dataset_into_the_clusters_of_its_embeddings(model, embedder,
+                                                                         tmp_path):
+    from fmtune.commands import load_config, validate
+    from fmtune_data_handlers.plugin import prepare
+
+    cfg = auto_config(tmp_path, embedder, reward="entropy")
+    config, pm, _, _ = load_config(["--data_config_path", cfg, "--model_name_or_path", model,
+                                    "--output_dir", str(tmp_path / "o"), "--max_steps", "4"])
+    validate(config, pm)
+    tok = pm.hook.load_tokenizer(config=config)
+    prepared = prepare(config, tok, pm)
+    parts, valid = prepared.parts, prepared.odm["validation"]
+    assert sorted(parts) == sorted(valid) == ["auto_category_0", "auto_category_1"]
+    train_rows = [list(r["input_ids"]) for r in prepared.train]  # the concatenation: all rows
+    labels, km = expected_categories(tok, embedder, train_rows, 5)
+    for c in (0, 1):
+        got = sorted(list(r["input_ids"]) for r in parts[f"auto_category_{c}"])
+        assert got == sorted(row for row, x in zip(train_rows, labels) if x == c)
+    # the two topics are the two clusters (the examples are read back as text)
+    topic = [set(tok.decode(r, skip_special_tokens=True).split()) <= set(TOPIC_A)
+             for r in train_rows]
+    assert {tuple(sorted({t for t, x in zip(topic, labels) if x == c})) for c in (0, 1)} == \
+        {(False,), (True,)}
+    # validation rows are assigned to the training clusters (KMeans.predict)
+    valid_rows = [list(r["input_ids"]) for r in prepared.validation]
+    predicted = km.predict(embeddings(tok, embedder, valid_rows))
+    for c in (0, 1):
+        assert sorted(list(r["input_ids"]) for r in valid[f"auto_category_{c}"]) == \
+            sorted(row for row, x in zip(valid_rows, predicted) if x == c)
+
+
+def test_auto_categorized_training_mixes_the_categories(model, embedder, tmp_path):
+    cfg = auto_config(tmp_path, embedder)
+    res = run_cli([*argv(model, cfg, tmp_path / "out", "--max_steps", "6")])
+    assert res.exit_code == 0, res.stderr[-3000:]
+    lines = odm_log(tmp_path / "out")
+    assert len(lines) == 6 and set(lines[0]["sampling_ratios"]) == {"auto_category_0",
+                                                                     "auto_category_1"}
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["odm"]["datasets"] == ["auto_category_0", "auto_category_1"]
+    assert sum(summary["odm"]["sampled"].values()) == 6 * 4
+    assert "odm: auto-categorizing 30 examples into 2 categories" in res.stderr
+
+
+@pytest.mark.parametrize("change, needle", [
+    ("two datasets", "dataprocessor.odm.auto_categorize_input_column splits one dataset into "
+                     "categories; this config lists 2 datasets (they are the categories: remove "
+                     "the auto_categorize keys)"),
+    ("no model", "dataprocessor.odm.auto_categorize_input_column: embedding model "
+                 "/nonexistent/embedder: no such folder"),
+    ("bad count", "dataprocessor.odm.auto_categorize_num_categories: must be a positive number, "
+                  "got 'three'"),
+])
+def test_auto_categorize_refusals(model, embedder, tmp_path, change, needle):
+    cfg = Path(auto_config(tmp_path, embedder))
+    text = cfg.read_text()
+    if change == "two datasets":
+        text += f"""  - name: other
+    data_paths: [{tmp_path / "mixed.jsonl"}]
+"""
+    elif change == "no model":
+        text = text.replace(embedder, "/nonexistent/embedder")
+    else:
+        text = text.replace('"2"', '"three"')
+    cfg.write_text(text)
+    res = run_cli([*argv(model, str(cfg), tmp_path / "o")])
+    assert res.exit_code == 2
+    errors = [x for x in res.stderr.splitlines() if x.startswith("fmtune: error:")]
+    assert len(errors) == 1 and f"{cfg}: {needle}" in errors[0], res.stderr
+    assert not (tmp_path / "o").exists()
