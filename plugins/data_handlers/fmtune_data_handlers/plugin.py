@@ -304,7 +304,7 @@ def prepare_data(config, tokenizer, pm):
             log.info("%s data: %s", split, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     train = prepared.train
     if prepared.parts is not None:  # dataprocessor.type: odm
-        train = mixing_stream(config, prepared.parts, prepared.odm)
+        train = mixing_stream(config, *auto_categorized(config, tokenizer, prepared))
     elif config.packing:
         from .packing import pack
 
@@ -327,6 +327,21 @@ class OdmRun:
         self.stream, self.interval, self.source = stream, interval, dc_source
         self.reward, self.validation = reward, validation or {}
         self.last_trained = 0
+
+
+def auto_categorized(config, tokenizer, prepared) -> tuple[dict, dict]:
+    """``(parts, odm)`` to mix: with ``auto_categorize_input_column``, the one dataset's
+    clusters and their validation rows (:mod:`.autocategorize`; only for training, so
+    ``fmtune preprocess`` and ``data preview`` load no embedding model), else as prepared."""
+    odm = prepared.odm
+    if not odm.get("auto_categorize_input_column"):
+        return prepared.parts, odm
+    from .autocategorize import categorize
+
+    (name, ds), = prepared.parts.items()
+    parts, validation = categorize(ds, odm["validation"].get(name), tokenizer, odm, odm["seed"],
+                                   bool(config.get("trust_remote_code")))
+    return parts, {**odm, "validation": validation, "weights": dict.fromkeys(parts)}
 
 
 def mixing_stream(config, parts: dict, odm: dict):

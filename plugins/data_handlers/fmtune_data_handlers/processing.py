@@ -805,12 +805,4 @@ def prepare(config, tokenizer, registry: Registry, dc: DataConfig | None = None,
         odm = {**dc.odm, "seed": dc.seed, "source": dc.source,
                "weights": {spec.name: spec.sampling for spec, _ in train_parts},
                "validation": {name: ds for name, ds in zip(named, valids) if name in parts}}
-        if dc.odm.get("auto_categorize_input_column"):  # one dataset -> its clusters
-            from .autocategorize import categorize
-
-            (name, ds), = parts.items()
-            parts, odm["validation"] = categorize(
-                ds, odm["validation"].get(name), tokenizer, dc.odm, dc.seed,
-                bool(getattr(config, "trust_remote_code", False)))
-            odm["weights"] = dict.fromkeys(parts)
     return Prepared(train, validation, counts, used, parts, odm)

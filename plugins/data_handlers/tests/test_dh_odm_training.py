@@ -529,7 +529,7 @@ def expected_categories(tok, embedder, rows, seed):
 def test_auto_categorize_one_dataset_into_the_clusters_of_its_embeddings(model, embedder,
                                                                          tmp_path):
     from fmtune.commands import load_config, validate
-    from fmtune_data_handlers.plugin import prepare
+    from fmtune_data_handlers.plugin import auto_categorized, prepare
 
     cfg = auto_config(tmp_path, embedder, reward="entropy")
     config, pm, _, _ = load_config(["--data_config_path", cfg, "--model_name_or_path", model,
@@ -537,7 +537,8 @@ def test_auto_categorize_one_dataset_into_the_clusters_of_its_embeddings(model, 
     validate(config, pm)
     tok = pm.hook.load_tokenizer(config=config)
     prepared = prepare(config, tok, pm)
-    parts, valid = prepared.parts, prepared.odm["validation"]
+    parts, odm = auto_categorized(config, tok, prepared)
+    valid = odm["validation"]
     assert sorted(parts) == sorted(valid) == ["auto_category_0", "auto_category_1"]
     train_rows = [list(r["input_ids"]) for r in prepared.train]  # the concatenation: all rows
     labels, km = expected_categories(tok, embedder, train_rows, 5)
